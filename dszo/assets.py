@@ -40,7 +40,16 @@ def resolve_model_path(name_or_path: str) -> str:
                 f"the bundled model is not prepared ({path} is missing): run `bash launch/setup.sh` "
                 "(or `python -m dszo.assets prepare-model`)")
         return str(path)
-    return name_or_path
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"model.name_or_path {name_or_path}: the folder has no config.json; give a "
+                                    "Hugging Face model folder (config.json, tokenizer and *.safetensors)")
+        return str(p)
+    if p.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") > 1 or p.exists():
+        raise FileNotFoundError(f"model.name_or_path {name_or_path}: no such model folder; give a local Hugging "
+                                "Face model folder, a hub name (where a hub is reachable) or bundled:smollm2-135m")
+    return name_or_path  # a hub name
 
 
 def _package_dir(package: str, pip_name: str) -> Path:

@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         train(cfg)
         ok = True
         return 0
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, OSError, ValueError) as e:
         print(f"dszo: error (rank {comm.rank()}): {e}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(e, ConfigError) else 1
     finally:
