@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import warnings
 from collections import defaultdict
 from datetime import timedelta
 from typing import Optional
@@ -164,6 +165,8 @@ def init(timeout_s: int, count_collectives: bool = True) -> None:
         COUNTER = CommCounter().install()
     import deepspeed  # local: the ZO math never imports deepspeed
 
+    # DeepSpeed 0.19 still calls the old name on every gather; one warning per rank is noise, not news.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

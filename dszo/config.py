@@ -50,30 +50,46 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
+    """Options every method has; each method extends it with its own (see dszo/methods/<method>.py)."""
+
     name: str = "zo_act"
     zo_eps: float = 1e-2
     num_directions: int = 1
-    # ZO-Act: rank of the activation basis and which linear layers get coefficients
-    # (module-name suffixes as in PEFT; "all-linear" = every nn.Linear except the LM head).
-    rank: int = 1
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    num_calibration: int = 64
-    calibration_batch_size: int = 16
-    basis_power_iters: int = 1
-    basis_oversample: int = 8
-    # unit_rms: scale each basis vector so that Vᵀh has unit mean square over the calibration tokens, which
-    # makes zo_eps and the learning rate mean the same in every layer (input norms differ by >100x across
-    # layers of a Llama: massive activations). orthonormal: the eigenvectors as they are.
-    basis_scale: Literal["unit_rms", "orthonormal"] = "unit_rms"
-    # Apply ±eps*Z inside the layers on a doubled batch: L+ and L- from one forward (one ZeRO-3 gather).
+    # Low-rank methods apply ±eps*Z inside the layers on a doubled batch: L+ and L- from one forward
+    # (one ZeRO-3 gather of the frozen weights). false: two forwards.
     functional_perturbation: bool = True
+
+    def validate(self) -> None:
+        if self.zo_eps <= 0:
+            raise ConfigError(f"method.zo_eps must be > 0, got {self.zo_eps}")
+        if self.num_directions < 1:
+            raise ConfigError("method.num_directions must be >= 1")
+
+
+METHOD_CONFIGS: dict[str, type] = {}
+
+
+def register_method_config(name: str):
+    def deco(cls):
+        METHOD_CONFIGS[name] = cls
+        return cls
+    return deco
+
+
+def method_config_class(name: str) -> type:
+    import dszo.methods  # noqa: F401  (registers every method and its config)
+
+    if name not in METHOD_CONFIGS:
+        raise ConfigError(f"config key 'method.name': unknown method {name!r}; available: "
+                          f"{', '.join(sorted(METHOD_CONFIGS))}")
+    return METHOD_CONFIGS[name]
 
 
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=lambda: method_config_class("zo_act")())
     deepspeed: str = "ds_configs/zero3_cpu.json"
     output_dir: str = "runs/default"
     overwrite_output_dir: bool = False
@@ -132,6 +148,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a section (mapping), got {value!r}")
+        if tp is MethodConfig:  # the section's fields depend on the method it names
+            tp = method_config_class(str(value.get("name", MethodConfig.name)))
         return _build(tp, value, prefix=f"{key}.")
     if tp is bool:
         if isinstance(value, bool):
@@ -246,12 +264,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
     need(cfg.ddp_timeout >= 1, "ddp_timeout must be >= 1 second")
     need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1/adam_beta2 must lie in [0, 1)")
-    m = cfg.method
-    need(m.zo_eps > 0, f"method.zo_eps must be > 0, got {m.zo_eps}")
-    need(m.rank >= 1, f"method.rank must be >= 1, got {m.rank}")
-    need(m.num_directions >= 1, "method.num_directions must be >= 1")
-    need(m.num_calibration >= 1, "method.num_calibration must be >= 1")
-    need(m.basis_power_iters >= 0 and m.basis_oversample >= 0, "basis_power_iters/basis_oversample must be >= 0")
+    cfg.method.validate()
     d = cfg.data
     need(len(d.candidates) == len(d.labels) >= 2,
          f"data.candidates ({len(d.candidates)}) and data.labels ({len(d.labels)}) must have the same length >= 2")

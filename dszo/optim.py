@@ -28,10 +28,11 @@ def lr_at(step: int, base_lr: float, schedule: str, warmup_steps: int, max_steps
 
 class ShardOptimizer:
     def __init__(self, kind: str, betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.9,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, no_decay: frozenset = frozenset()) -> None:
         if kind not in ("adam", "momentum", "sgd"):
             raise ValueError(f"unknown optimiser {kind!r} (adam, momentum, sgd)")
         self.kind, self.betas, self.eps, self.momentum, self.weight_decay = kind, betas, eps, momentum, weight_decay
+        self.no_decay = no_decay  # names exempt from weight decay (biases, norms)
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.steps = 0
 
@@ -42,11 +43,12 @@ class ShardOptimizer:
             if param.numel() == 0:
                 continue
             st = self.state.setdefault(name, {})
+            wd = 0.0 if name in self.no_decay else self.weight_decay
             if self.kind == "adam":
-                self._adam(param, grad, st, lr)
+                self._adam(param, grad, st, lr, wd)
             else:
-                if self.weight_decay:
-                    grad = grad + self.weight_decay * param
+                if wd:
+                    grad = grad + wd * param
                 if self.kind == "momentum":
                     buf = st.get("momentum_buffer")
                     # torch.optim.SGD: the first step stores the gradient itself as the buffer
@@ -55,13 +57,13 @@ class ShardOptimizer:
                     grad = buf
                 param.add_(grad, alpha=-lr)
 
-    def _adam(self, param, grad, st, lr) -> None:
+    def _adam(self, param, grad, st, lr, wd) -> None:
         b1, b2 = self.betas
         if not st:
             st["exp_avg"] = torch.zeros_like(param)
             st["exp_avg_sq"] = torch.zeros_like(param)
-        if self.weight_decay:
-            param.mul_(1 - lr * self.weight_decay)
+        if wd:
+            param.mul_(1 - lr * wd)
         m, v = st["exp_avg"], st["exp_avg_sq"]
         m.lerp_(grad, 1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)

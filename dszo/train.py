@@ -10,6 +10,7 @@ arguments are accepted: --local_rank (from the launcher) and --deepspeed_config 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -49,22 +50,24 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
 
 
 def prepare_output_dir(cfg: TrainConfig) -> Path:
-    """Refuse to write over another run unless asked; every rank checks before the main rank writes."""
+    """Refuse to write over another run unless asked. Every rank checks first (a collective: the main
+    rank must not write before the others have looked), then the main rank writes."""
     out = Path(cfg.output_dir)
+    held = (out / "config.yaml").exists() and not cfg.overwrite_output_dir
+    if comm.all_max_int(int(held)):
+        raise ConfigError(f"output_dir {out} already holds a run (config.yaml): choose another output_dir "
+                          "or set overwrite_output_dir: true")
     problem = ""
-    if (out / "config.yaml").exists() and not cfg.overwrite_output_dir:
-        problem = (f"output_dir {out} already holds a run (config.yaml): choose another output_dir "
-                   "or set overwrite_output_dir: true")
-    elif comm.is_main():
+    if comm.is_main():
         try:
             out.mkdir(parents=True, exist_ok=True)
-            for name in ("metrics.jsonl",):
-                (out / name).unlink(missing_ok=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
             (out / "config.yaml").write_text(dump_yaml(cfg))
         except OSError as e:
             problem = f"cannot write to output_dir {out}: {e.strerror or e}"
-    if comm.all_max_int(1 if problem else 0):
-        raise ConfigError(problem or f"output_dir {out}: the main rank could not prepare it (see its error)")
+            print(f"dszo: error: {problem}", file=sys.stderr)
+    if comm.all_max_int(int(bool(problem))):
+        raise ConfigError(problem or f"output_dir {out}: the main rank could not write to it (see its error)")
     return out
 
 
@@ -94,14 +97,17 @@ def build(cfg: TrainConfig, run_seed: int):
     times["model_s"] = time.perf_counter() - tic - times["data_s"]
 
     # Calibration examples: the first num_calibration of a seeded order of the training set, split over ranks.
-    calib = StepSampler(len(train), cfg.method.num_calibration, run_seed).global_indices(0)
-    calib_batches = train.rank_batches(calib, comm.rank(), comm.world_size(), cfg.method.calibration_batch_size)
+    # Only methods with a calibration phase (ZO-Act's bases) declare num_calibration.
+    num_cal = getattr(cfg.method, "num_calibration", 0)
+    calib = StepSampler(len(train), num_cal, run_seed).global_indices(0) if num_cal else []
+    calib_batches = (train.rank_batches(calib, comm.rank(), comm.world_size(), cfg.method.calibration_batch_size)
+                     if num_cal else [])
     method.setup(rt, calib_batches)
     times["method_setup_s"] = time.perf_counter() - tic - times["data_s"] - times["model_s"]
     return train, dev, method, rt, times
 
 
-def save_adapter(method, path: Path, cfg: TrainConfig, step: int) -> None:
+def save_trained(method, path: Path, cfg: TrainConfig, step: int) -> None:
     """Trained coefficients (and bases) as one safetensors file, gathered from the shards."""
     from safetensors.torch import save_file
 
@@ -110,11 +116,11 @@ def save_adapter(method, path: Path, cfg: TrainConfig, step: int) -> None:
     tensors = gather_full({**method.trainable(), **method.extra_state()})
     if comm.is_main():
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / ".adapter.safetensors.tmp"
+        tmp = path / f".{method.result_file}.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"method": cfg.method.name, "rank": str(cfg.method.rank), "step": str(step),
-                            "base_model": cfg.model.name_or_path})
-        os.replace(tmp, path / "adapter.safetensors")
+                  metadata={"method": cfg.method.name, "method_config": json.dumps(dataclasses.asdict(cfg.method)),
+                            "step": str(step), "base_model": cfg.model.name_or_path})
+        os.replace(tmp, path / method.result_file)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -170,10 +176,10 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.eval_steps and (t + 1) % cfg.eval_steps == 0 and t + 1 != cfg.max_steps:
             run_eval(t + 1)
         if cfg.save_steps and (t + 1) % cfg.save_steps == 0 and t + 1 != cfg.max_steps:
-            save_adapter(method, out / f"checkpoint-{t + 1}", cfg, t + 1)
+            save_trained(method, out / f"checkpoint-{t + 1}", cfg, t + 1)
     bar.close()
     after = run_eval(cfg.max_steps)
-    save_adapter(method, out, cfg, cfg.max_steps)
+    save_trained(method, out, cfg, cfg.max_steps)
     steady = step_times[1:] or step_times
     summary = {"event": "end", "dev_accuracy_before": before["accuracy"] if before else None,
                "dev_accuracy_after": after["accuracy"], "dev_loss_after": after["loss"], "steps": cfg.max_steps,

@@ -131,6 +131,8 @@ def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str
     proc = subprocess.run(cmd, env=rank_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    if check:  # a gloo rank that exits without barrier + destroy can abort with this at exit
+        assert "terminate called" not in proc.stderr, proc.stderr[-4000:]
     return proc
 
 

@@ -55,8 +55,9 @@ class ReferenceZOAct:
             logits = self.model(input_ids=ids).logits[0, -1, self.enc.candidate_ids]
         return float(F.cross_entropy(logits[None].double(), torch.tensor([self.train_labels[i]])))
 
-    def compute_bases(self, num_calibration: int) -> dict[str, torch.Tensor]:
-        """Exact top-r eigenvectors of Σ h hᵀ over the calibration examples, scaled to unit RMS projections."""
+    def compute_bases(self, num_calibration: int, scale: str = "orthonormal") -> dict[str, torch.Tensor]:
+        """Exact top-r eigenvectors of Σ h hᵀ over the calibration examples (unit_rms: scaled so that the
+        projections have unit mean square)."""
         idx = StepSampler(len(self.train_tokens), num_calibration, self.seed).global_indices(0)
         self.capture = {}
         for i in idx:
@@ -67,7 +68,7 @@ class ReferenceZOAct:
             evals, evecs = torch.linalg.eigh(h.T @ h)
             top, lam = evecs[:, -self.rank:].flip(1), evals[-self.rank:].flip(0)
             top = top * torch.sign(top[top.abs().argmax(0), torch.arange(self.rank)])
-            self.V[name] = (top / (lam / h.shape[0]).sqrt()).float()
+            self.V[name] = (top / (lam / h.shape[0]).sqrt() if scale == "unit_rms" else top).float()
         return self.V
 
     def step(self, t: int, global_batch: int) -> dict:
@@ -84,3 +85,137 @@ class ReferenceZOAct:
             b.grad = g * self.z[n]
         self.opt.step()
         return {"loss_plus": losses[1.0], "loss_minus": losses[-1.0], "proj_grad": g}
+
+
+class _ReferenceInPlace:
+    """Shared by the MeZO and LOZO references: a plain model, perturbed in place, one example at a time."""
+
+    def __init__(self, model_dir, data_cfg: dict, seed: int, eps: float):
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model.requires_grad_(False)
+        dc = DataConfig(**data_cfg)
+        self.enc = PromptEncoder(AutoTokenizer.from_pretrained(model_dir), dc)
+        parts = split(load_examples(dc), dc.dev_size, dc.test_size, dc.split_seed)
+        self.tokens = self.enc.encode(parts["train"])
+        self.labels = [e.label for e in parts["train"]]
+        self.seed, self.eps = seed, eps
+
+    def mean_loss(self, idx) -> float:
+        total = 0.0
+        for i in idx:
+            with torch.no_grad():
+                logits = self.model(input_ids=torch.tensor([self.tokens[i]])).logits[0, -1, self.enc.candidate_ids]
+            total += float(F.cross_entropy(logits[None].double(), torch.tensor([self.labels[i]])))
+        return total / len(idx)
+
+    def two_point(self, idx, params: dict, z: dict) -> dict:
+        orig = {n: p.detach().clone() for n, p in params.items()}
+        out = {}
+        for sign in (+1.0, -1.0):
+            for n, p in params.items():
+                p.data.copy_(orig[n] + sign * self.eps * z[n])
+            out[sign] = self.mean_loss(idx)
+        for n, p in params.items():
+            p.data.copy_(orig[n])
+        g = (out[1.0] - out[-1.0]) / (2 * self.eps)
+        return {"loss_plus": out[1.0], "loss_minus": out[-1.0], "proj_grad": g}
+
+
+class ReferenceMeZO(_ReferenceInPlace):
+    """Dense Z over every parameter; torch.optim.SGD on g*Z."""
+
+    def __init__(self, model_dir, data_cfg, seed, eps, lr):
+        super().__init__(model_dir, data_cfg, seed, eps)
+        self.params = dict(self.model.named_parameters())
+        self.opt = torch.optim.SGD(list(self.params.values()), lr=lr)
+
+    def step(self, t: int, global_batch: int) -> dict:
+        idx = StepSampler(len(self.tokens), global_batch, self.seed).global_indices(t)
+        s = step_seed(self.seed, t)
+        z = {n: gaussian(s, tensor_key(n), 0, p.numel()).view_as(p) for n, p in self.params.items()}
+        res = self.two_point(idx, self.params, z)
+        for n, p in self.params.items():
+            p.grad = res["proj_grad"] * z[n]
+        self.opt.step()
+        return res
+
+
+class ReferenceLOZO(_ReferenceInPlace):
+    """Z = U Vᵀ per linear weight written into W; W -= lr g U Vᵀ, or LOZO-M's momentum N in the small space."""
+
+    def __init__(self, model_dir, data_cfg, seed, eps, lr, rank, lazy_interval, momentum=0.0):
+        from dszo.methods.lozo import v_seed
+
+        super().__init__(model_dir, data_cfg, seed, eps)
+        head = self.model.get_output_embeddings()
+        self.weights = {f"{n}.base.weight": m.weight for n, m in self.model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and m is not head}
+        self.lr, self.rank, self.nu, self.beta, self.v_seed = lr, rank, lazy_interval, momentum, v_seed
+        self.N: dict[str, torch.Tensor] = {}
+
+    def _uv(self, t, name, w):
+        m, n = w.shape
+        key = tensor_key(name)
+        u = gaussian(step_seed(self.seed, t), key, 0, m * self.rank).view(m, self.rank)
+        v = gaussian(self.v_seed(self.seed, t, self.nu), key, 0, n * self.rank).view(n, self.rank)
+        return u, v
+
+    def step(self, t: int, global_batch: int) -> dict:
+        idx = StepSampler(len(self.tokens), global_batch, self.seed).global_indices(t)
+        uv = {name: self._uv(t, name, w) for name, w in self.weights.items()}
+        res = self.two_point(idx, self.weights, {n: u @ v.T for n, (u, v) in uv.items()})
+        g = res["proj_grad"]
+        for name, w in self.weights.items():
+            u, v = uv[name]
+            if self.beta > 0:
+                if name in self.N and t % self.nu == 0:
+                    v_old = self._uv(t - 1, name, w)[1]
+                    self.N[name] = self.N[name] @ (v_old.T @ v) / w.shape[1]
+                self.N[name] = self.beta * self.N.get(name, torch.zeros_like(u)) + (1 - self.beta) * g * u
+                w.data -= self.lr * self.N[name] @ v.T
+            else:
+                w.data -= self.lr * g * (u @ v.T)
+        return res
+
+
+class ReferenceAGZO(_ReferenceInPlace):
+    """One-sided: f0 captures inputs H of every linear layer; A = QR power iterations on HᵀH from the seeded
+    start; Z = R Aᵀ written into W; W -= lr g R Aᵀ."""
+
+    def __init__(self, model_dir, data_cfg, seed, eps, lr, rank, power_iters):
+        from dszo.directions import mix
+        from dszo.methods.agzo import _OMEGA_STREAM
+
+        super().__init__(model_dir, data_cfg, seed, eps)
+        head = self.model.get_output_embeddings()
+        self.modules = {f"{n}.base.weight": m for n, m in self.model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and m is not head}
+        self.weights = {n: m.weight for n, m in self.modules.items()}
+        self.lr, self.rank, self.iters = lr, rank, power_iters
+        self.omega_seed = lambda t: mix(seed, _OMEGA_STREAM, t)  # noqa: E731
+
+    def step(self, t: int, global_batch: int) -> dict:
+        idx = StepSampler(len(self.tokens), global_batch, self.seed).global_indices(t)
+        acts = {n: [] for n in self.modules}
+        handles = [m.register_forward_hook(lambda mod, inp, out, n=n: acts[n].append(inp[0].reshape(-1, inp[0].shape[-1])))
+                   for n, m in self.modules.items()]
+        f0 = self.mean_loss(idx)
+        for h in handles:
+            h.remove()
+        z = {}
+        for name, w in self.weights.items():
+            h = torch.cat(acts[name])
+            m, n = w.shape
+            q = gaussian(self.omega_seed(t), tensor_key(name), 0, n * self.rank).view(n, self.rank)
+            for _ in range(self.iters + 1):
+                q = torch.linalg.qr((h.T @ (h @ q)).double())[0].float()
+            r = gaussian(step_seed(self.seed, t), tensor_key(name), 0, m * self.rank).view(m, self.rank)
+            z[name] = r @ q.T
+        orig = {n: w.detach().clone() for n, w in self.weights.items()}
+        for n, w in self.weights.items():
+            w.data += self.eps * z[n]
+        fp = self.mean_loss(idx)
+        g = (fp - f0) / self.eps
+        for n, w in self.weights.items():
+            w.data.copy_(orig[n] - self.lr * g * z[n])
+        return {"loss_plus": fp, "loss_minus": f0, "proj_grad": g}

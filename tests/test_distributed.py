@@ -52,6 +52,10 @@ def test_I1_one_rank_equals_two_ranks(runs):
         assert a["proj_grad"] == pytest.approx(b["proj_grad"], rel=1e-4, abs=1e-5)
     trained = load_adapter(runs["r2"])
     assert any(float(v.abs().max()) > 0 for k, v in trained.items() if k.endswith(".zo_B"))  # B moved
+    # B (and so Adam's state, which has B's shape) is partitioned, not replicated: each of 2 ranks owns half.
+    local = lambda run: next(r for r in read_metrics(run) if r.get("event") == "setup")["trainable_elements_local"]  # noqa: E731
+    total = sum(v.numel() for k, v in trained.items() if k.endswith(".zo_B"))
+    assert local(runs["r1"]) == total and local(runs["r2"]) == total // 2
 
 
 def _can_make_netns() -> str:
@@ -88,7 +92,7 @@ def test_I2_zero3_run_equals_plain_pytorch_reference(runs, tiny_model, tiny_data
     cfg = yaml.safe_load((runs["r2"].parent / "r2.yaml").read_text())
     m, d = cfg["method"], cfg["data"]
     ref = ReferenceZOAct(tiny_model, d, rank=m["rank"], seed=cfg["seed"], eps=m["zo_eps"], lr=cfg["learning_rate"])
-    ref_v = ref.compute_bases(m["num_calibration"])
+    ref_v = ref.compute_bases(m["num_calibration"], m.get("basis_scale", "orthonormal"))
     trained = load_adapter(runs["r2"])
     # The basis: the run's subspace iteration + Nyström against the exact eigendecomposition.
     for name, v in ref_v.items():
@@ -147,3 +151,15 @@ def test_other_launchers(runs, launcher, tiny_model, tiny_data, tmp_path):
     assert "terminate called" not in proc.stderr
     assert read_metrics(tmp_path / launcher)[0]["world_size"] == n
     _assert_same_coefficients(runs["r2" if n == 2 else "r1"], tmp_path / launcher, atol=1e-6)
+
+
+def test_functional_doubled_batch_gives_the_two_forward_g(runs, tiny_model, tiny_data, tmp_path):
+    """ZO-Act's one-forward [batch; batch] measurement equals two separate forwards (+ε, then -ε)."""
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path / "two_fwd", max_steps=STEPS,
+                      per_device_train_batch_size=GLOBAL_BATCH, **{"method.functional_perturbation": False})
+    launch(cfg, 1)
+    for a, b in zip(step_records(runs["r1"]), step_records(tmp_path / "two_fwd")):
+        assert a["loss_plus"] == pytest.approx(b["loss_plus"], rel=1e-6)
+        assert a["loss_minus"] == pytest.approx(b["loss_minus"], rel=1e-6)
+        assert a["proj_grad"] == pytest.approx(b["proj_grad"], rel=1e-4, abs=1e-5)
+    _assert_same_coefficients(runs["r1"], tmp_path / "two_fwd", atol=1e-6)

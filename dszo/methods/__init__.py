@@ -1,6 +1,6 @@
 """ZO methods, registered by name (config key `method.name`)."""
 from dszo.methods.base import REGISTRY, Runtime, Shard, StepStats, ZOMethod, register
-from dszo.methods import zo_act  # noqa: F401  (registers)
+from dszo.methods import agzo, lozo, mezo, zo_act  # noqa: F401  (registers)
 
 
 def get_method(name: str) -> type[ZOMethod]:

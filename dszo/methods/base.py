@@ -5,12 +5,18 @@ tensor this rank owns, a loss function and the scalar all-reduce.
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
+
+from dszo.directions import direction_seed, gaussian, step_seed
+from dszo.optim import ShardOptimizer
 
 
 @dataclass
@@ -53,7 +59,12 @@ class Runtime(Protocol):
 
 
 class ZOMethod(ABC):
+    """A zeroth-order method. The step is shared: for each direction, the method measures two losses on
+    this rank's micro-batches, the three sums are all-reduced, the method turns them into the projected
+    gradient g and accumulates g into its update, which it applies once per step."""
+
     name: str = ""
+    result_file: str = "trainable.safetensors"   # what train.py writes the trained tensors to
 
     def __init__(self, cfg, run_seed: int) -> None:
         self.cfg = cfg            # the whole TrainConfig (method section at cfg.method)
@@ -76,8 +87,75 @@ class ZOMethod(ABC):
         """After sharding: take shards, compute bases, create optimiser state."""
 
     @abstractmethod
+    def losses(self, t: int, dseed: int, batch, rt: Runtime) -> tuple[float, float, int]:
+        """(Σ loss at one point, Σ loss at the other, n) over this rank's `batch` for direction `dseed`."""
+
+    def projected_gradient(self, a: float, b: float, n: float) -> float:
+        """Two-sided SPSA: (L(θ+εZ) - L(θ-εZ)) / 2ε."""
+        return (a - b) / n / (2 * self.cfg.method.zo_eps)
+
+    @abstractmethod
+    def accumulate(self, t: int, dseed: int, coeff: float) -> None:
+        """Add coeff * (this direction, on this rank's shards) to the step's update."""
+
+    @abstractmethod
+    def update(self, t: int, lr: float) -> None:
+        """Apply the accumulated update to this rank's shards."""
+
     def step(self, t: int, micro_batches: list, lr: float, rt: Runtime) -> StepStats:
         """One optimisation step at 0-based step t over this rank's micro-batches."""
+        seed, n_dir = step_seed(self.run_seed, t), self.cfg.method.num_directions
+        clock, losses, grads = _Stopwatch(), [], []
+        for d in range(n_dir):
+            dseed = direction_seed(seed, d)
+            with clock("forward"):
+                sums = torch.zeros(3, dtype=torch.float64)
+                for batch in micro_batches:
+                    sums += torch.tensor(self.losses(t, dseed, batch, rt), dtype=torch.float64)
+            with clock("all_reduce"):
+                a, b, n = rt.all_reduce_sum(sums).tolist()   # the step's only collective: 3 scalars
+            g = self.projected_gradient(a, b, n)
+            with clock("update"):
+                self.accumulate(t, dseed, g / n_dir)
+            losses.append((a / n, b / n))
+            grads.append(g)
+        with clock("update"):
+            self.update(t, lr)
+        return StepStats(loss_plus=sum(x for x, _ in losses) / n_dir, loss_minus=sum(y for _, y in losses) / n_dir,
+                         proj_grad=grads[0], num_examples=int(n), lr=lr, proj_grads=grads, timings=dict(clock.totals))
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, key: str):
+        tic = time.perf_counter()
+        yield
+        self.totals[key] += time.perf_counter() - tic
+
+
+class DenseEstimate:
+    """ĝ = Σ_d coeff_d Z_d on this rank's shards (dense Gaussian Z), applied by a shard optimiser."""
+
+    def __init__(self, shards: dict[str, Shard], cfg, no_decay: frozenset = frozenset()) -> None:
+        self.shards = shards
+        self.optimizer = ShardOptimizer(cfg.optim, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
+                                        cfg.momentum, cfg.weight_decay, no_decay=no_decay)
+        self.estimate = {n: torch.zeros_like(s.local) for n, s in shards.items()}
+
+    def direction(self, dseed: int, shard: Shard) -> torch.Tensor:
+        return gaussian(dseed, shard.key, shard.start, shard.end, dtype=shard.local.dtype, device=shard.local.device)
+
+    def accumulate(self, dseed: int, coeff: float) -> None:
+        for name, s in self.shards.items():   # only the slice of Z this rank owns
+            self.estimate[name].add_(self.direction(dseed, s), alpha=coeff)
+
+    def apply(self, lr: float) -> None:
+        self.optimizer.step({n: (s.local, self.estimate[n]) for n, s in self.shards.items()}, lr)
+        for e in self.estimate.values():
+            e.zero_()
 
 
 REGISTRY: dict[str, type[ZOMethod]] = {}

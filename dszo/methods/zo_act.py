@@ -11,18 +11,45 @@ The perturbation is functional: on a doubled batch [x; x] the layer adds +εZ(V�
 """
 from __future__ import annotations
 
-import time
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch
 from torch import nn
 
-from dszo.directions import direction_seed, gaussian, mix, step_seed, tensor_key
-from dszo.methods.base import Runtime, StepStats, ZOMethod, register
-from dszo.optim import ShardOptimizer
+from dszo.config import ConfigError, MethodConfig, register_method_config
+from dszo.directions import gaussian, mix, tensor_key
+from dszo.methods.base import DenseEstimate, Runtime, ZOMethod, register
 from dszo.subspace import nystrom_basis, orthonormalize, sketch_width
 
 _BASIS_STREAM = 0xBA515
+
+
+@register_method_config("zo_act")
+@dataclass
+class ZOActConfig(MethodConfig):
+    name: str = "zo_act"
+    # Rank r of each layer's activation basis, and which linear layers get coefficients
+    # (module-name suffixes as in PEFT; "all-linear" = every nn.Linear except the LM head).
+    rank: int = 1
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    num_calibration: int = 64          # training examples (over all ranks) the bases are computed from
+    calibration_batch_size: int = 16
+    basis_power_iters: int = 1         # the calibration data is read basis_power_iters + 1 times
+    basis_oversample: int = 8          # sketch width k = rank + basis_oversample (exact when k >= n)
+    # orthonormal: the top-r eigenvectors as they are (the method as published). unit_rms: each scaled so that
+    # Vᵀh has unit mean square over the calibration tokens, which makes zo_eps and the learning rate mean the
+    # same in every layer (input norms differ by >100x across a Llama's layers); see README.
+    basis_scale: Literal["orthonormal", "unit_rms"] = "orthonormal"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rank < 1:
+            raise ConfigError(f"method.rank must be >= 1, got {self.rank}")
+        if self.num_calibration < 1 or self.calibration_batch_size < 1:
+            raise ConfigError("method.num_calibration and method.calibration_batch_size must be >= 1")
+        if self.basis_power_iters < 0 or self.basis_oversample < 0:
+            raise ConfigError("method.basis_power_iters and method.basis_oversample must be >= 0")
 
 
 class LayerPerturbation:
@@ -99,6 +126,7 @@ def select_linear_layers(model: nn.Module, targets: list[str]) -> list[tuple[str
 @register
 class ZOAct(ZOMethod):
     name = "zo_act"
+    result_file = "adapter.safetensors"
 
     def attach(self, model: nn.Module) -> None:
         self.ctx = LayerPerturbation()
@@ -119,9 +147,7 @@ class ZOAct(ZOMethod):
     def setup(self, rt: Runtime, calibration_batches: list) -> None:
         self.shards = {n: rt.shard(n, p) for n, p in self.trainable().items()}
         self.basis_eigenvalues = self._compute_bases(rt, calibration_batches)
-        c = self.cfg
-        self.optimizer = ShardOptimizer(c.optim, (c.adam_beta1, c.adam_beta2), c.adam_epsilon, c.momentum,
-                                        c.weight_decay)
+        self.estimate = DenseEstimate(self.shards, self.cfg)
 
     def _compute_bases(self, rt: Runtime, batches: list) -> dict[str, torch.Tensor]:
         """V = top-r eigenvectors of Σ h hᵀ over the calibration data of all ranks (subspace iteration)."""
@@ -159,39 +185,21 @@ class ZOAct(ZOMethod):
                     a.sketch_q = a.sketch_s = None
         return evals
 
-    def step(self, t: int, micro_batches: list, lr: float, rt: Runtime) -> StepStats:
-        m = self.cfg.method
-        seed, eps, n_dir = step_seed(self.run_seed, t), m.zo_eps, m.num_directions
-        estimate = {n: torch.zeros_like(s.local) for n, s in self.shards.items()}
-        losses, grads, timings = [], [], {"forward": 0.0, "all_reduce": 0.0, "update": 0.0}
-        for d in range(n_dir):
-            dseed = direction_seed(seed, d)
-            tic = time.perf_counter()
-            sums = torch.zeros(3, dtype=torch.float64)
-            for batch in micro_batches:
-                if m.functional_perturbation:       # one forward over [batch; batch]: L+ and L-
-                    self.ctx.perturb(dseed, eps, sign=None)
-                    lp, lm, n = rt.loss_sums(batch, doubled=True)
-                else:                               # two forwards, +eps then -eps
-                    self.ctx.perturb(dseed, eps, sign=+1.0)
-                    lp, _, n = rt.loss_sums(batch, doubled=False)
-                    self.ctx.perturb(dseed, eps, sign=-1.0)
-                    lm, _, _ = rt.loss_sums(batch, doubled=False)
-                sums += torch.tensor([lp, lm, n], dtype=torch.float64)
-            self.ctx.off()
-            toc = time.perf_counter()
-            lp, lm, n = rt.all_reduce_sum(sums).tolist()  # the step's only collective: 3 scalars
-            g = (lp - lm) / n / (2 * eps)
-            tac = time.perf_counter()
-            for name, s in self.shards.items():       # each rank: only the slice of Z it owns
-                estimate[name].add_(gaussian(dseed, s.key, s.start, s.end, device=s.local.device), alpha=g / n_dir)
-            timings["forward"] += toc - tic
-            timings["all_reduce"] += tac - toc
-            timings["update"] += time.perf_counter() - tac
-            losses.append((lp / n, lm / n))
-            grads.append(g)
-        tic = time.perf_counter()
-        self.optimizer.step({name: (s.local, estimate[name]) for name, s in self.shards.items()}, lr)
-        timings["update"] += time.perf_counter() - tic
-        return StepStats(loss_plus=sum(a for a, _ in losses) / n_dir, loss_minus=sum(b for _, b in losses) / n_dir,
-                         proj_grad=grads[0], num_examples=int(n), lr=lr, proj_grads=grads, timings=timings)
+    def losses(self, t: int, dseed: int, batch, rt: Runtime) -> tuple[float, float, int]:
+        eps = self.cfg.method.zo_eps
+        if self.cfg.method.functional_perturbation:   # one forward over [batch; batch]: L+ and L-
+            self.ctx.perturb(dseed, eps, sign=None)
+            lp, lm, n = rt.loss_sums(batch, doubled=True)
+        else:                                        # two forwards, +eps then -eps
+            self.ctx.perturb(dseed, eps, sign=+1.0)
+            lp, _, n = rt.loss_sums(batch, doubled=False)
+            self.ctx.perturb(dseed, eps, sign=-1.0)
+            lm, _, _ = rt.loss_sums(batch, doubled=False)
+        self.ctx.off()
+        return lp, lm, n
+
+    def accumulate(self, t: int, dseed: int, coeff: float) -> None:
+        self.estimate.accumulate(dseed, coeff)
+
+    def update(self, t: int, lr: float) -> None:
+        self.estimate.apply(lr)

@@ -71,7 +71,7 @@ def test_basis_matches_exact_eigenvectors_and_unit_rms_scale():
     mix_ = torch.linalg.qr(torch.randn(n, n))[0]
     batches = [Inputs((torch.randn(8, 12, n) * scales) @ mix_.T) for _ in range(4)]
     model = nn.Sequential(nn.Linear(n, 8))
-    m = _zo_act(model, rank=r, basis_power_iters=2)
+    m = _zo_act(model, rank=r, basis_power_iters=2, basis_scale="unit_rms")
     m.setup(LocalRuntime(model), batches)
     h = torch.cat([b.x.reshape(-1, n) for b in batches]).double()
     evals, evecs = torch.linalg.eigh(h.T @ h)

@@ -1,0 +1,196 @@
+"""LOZO and LOZO-M: low-rank directions Z = U Vᵀ per 2-D weight, V redrawn lazily.
+
+For each target linear weight W (m x n): U (m x r) is new every step, V (n x r) is redrawn every
+`lazy_interval` steps from an independent stream (the reference code draws both from one re-seeded
+stream, so on redraw steps its update differs from the direction it measured). The perturbation is
+functional, W x ± ε U (Vᵀ x) on a doubled batch, so nothing is written into W while measuring. The
+update W ← W - η g U Vᵀ is written into each rank's partition of W only (the rows of U Vᵀ it owns).
+
+LOZO-M keeps momentum in the small space: N ← β N + (1-β) g U and W ← W - η N Vᵀ; when V is redrawn,
+N ← N (V_oldᵀ V_new) / n before the blend. Each rank holds the rows of N its partition of W touches.
+Decision: only the 2-D weights of the target linear layers are trained (1-D tensors stay frozen).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dszo.config import ConfigError, MethodConfig, register_method_config
+from dszo.directions import gaussian, mix, tensor_key
+from dszo.methods.base import Runtime, Shard, ZOMethod, register
+from dszo.methods.zo_act import select_linear_layers
+
+_V_STREAM = 0x1A2F
+
+
+def v_seed(run_seed: int, t: int, lazy_interval: int) -> int:
+    """The seed of V at step t: its own stream, constant for `lazy_interval` steps."""
+    return mix(run_seed, _V_STREAM, t // lazy_interval)
+
+
+@register_method_config("lozo")
+@dataclass
+class LOZOConfig(MethodConfig):
+    name: str = "lozo"
+    zo_eps: float = 1e-3
+    rank: int = 2
+    lazy_interval: int = 50            # ν: V is redrawn every ν steps
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    momentum: float = 0.0              # β; > 0 keeps momentum in the small space (LOZO-M)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rank < 1 or self.lazy_interval < 1:
+            raise ConfigError("method.rank and method.lazy_interval must be >= 1")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"method.momentum must lie in [0, 1), got {self.momentum}")
+
+
+@register_method_config("lozo_m")
+@dataclass
+class LOZOMConfig(LOZOConfig):
+    name: str = "lozo_m"
+    momentum: float = 0.9
+
+
+def shard_rows(s: Shard) -> tuple[int, int]:
+    """Rows [r0, r1) of a 2-D weight that the flat partition [start, end) touches."""
+    n = s.shape[1]
+    return s.start // n, max(s.start, s.end - 1) // n + 1
+
+
+def apply_low_rank_rows(s: Shard, u_rows: torch.Tensor, v: torch.Tensor, lr: float) -> None:
+    """W[start:end] (flat) -= lr * (U Vᵀ)[the same elements], given the rows shard_rows(s) of U: each rank
+    forms only the rows of U Vᵀ its partition holds."""
+    if s.local.numel() == 0:
+        return
+    n = s.shape[1]
+    r0 = s.start // n
+    block = (u_rows @ v.T).reshape(-1)
+    s.local.add_(block[s.start - r0 * n: s.end - r0 * n].to(s.local.dtype), alpha=-lr)
+
+
+class LowRankPerturbation:
+    """Shared by the wrapped layers: which U, V (if any) the current forward applies."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.eps, self.sign = 0.0, None
+        self.u: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+
+class LowRankPerturbedLinear(nn.Module):
+    def __init__(self, base: nn.Linear, key: int, ctx: LowRankPerturbation) -> None:
+        super().__init__()
+        self.base = base
+        self.key = key
+        object.__setattr__(self, "_ctx", ctx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        ctx = self._ctx
+        if not ctx.active:
+            return y
+        u, v = ctx.u[self.key].to(x.device), ctx.v[self.key].to(x.device)
+        h = (x.to(v.dtype) @ v) @ u.T                       # ε U (Vᵀ x) without forming U Vᵀ
+        if ctx.sign is None:                                # doubled batch: +ε on the first half, -ε on the second
+            half = x.shape[0] // 2
+            y[:half] += (ctx.eps * h[:half]).to(y.dtype)
+            y[half:] -= (ctx.eps * h[half:]).to(y.dtype)
+            return y
+        return y.add_((ctx.sign * ctx.eps * h).to(y.dtype))
+
+
+@register
+class LOZO(ZOMethod):
+    name = "lozo"
+
+    def __init__(self, cfg, run_seed: int) -> None:
+        super().__init__(cfg, run_seed)
+        if cfg.optim != "sgd":
+            raise ConfigError(f"method {cfg.method.name} updates W with SGD along U Vᵀ (LOZO-M: its own momentum, "
+                              f"method.momentum); set optim: sgd (got optim: {cfg.optim})")
+
+    def attach(self, model: nn.Module) -> None:
+        self.ctx = LowRankPerturbation()
+        self.layers: dict[str, LowRankPerturbedLinear] = {}
+        for name, linear in select_linear_layers(model, self.cfg.method.target_modules):
+            parent, _, child = name.rpartition(".")
+            wrapped = LowRankPerturbedLinear(linear, tensor_key(f"{name}.base.weight"), self.ctx)
+            setattr(model.get_submodule(parent) if parent else model, child, wrapped)
+            self.layers[f"{name}.base.weight"] = wrapped
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {n: layer.base.weight for n, layer in self.layers.items()}
+
+    def setup(self, rt: Runtime, calibration_batches: list) -> None:
+        self.shards = {n: rt.shard(n, p) for n, p in self.trainable().items()}
+        self.dims = {n: (s.shape[0], s.shape[1]) for n, s in self.shards.items()}
+        self.rows = {n: shard_rows(s) for n, s in self.shards.items()}  # rows of W (and U, N) this rank touches
+        self.u_sum: dict[str, torch.Tensor] = {}
+        self.momentum_buf: dict[str, Optional[torch.Tensor]] = {n: None for n in self.shards}
+        self.v_epoch = -1
+
+    # -- directions -----------------------------------------------------------------------------------
+    def _v(self, t: int, name: str) -> torch.Tensor:
+        m, n = self.dims[name]
+        r = self.cfg.method.rank
+        seed = v_seed(self.run_seed, t, self.cfg.method.lazy_interval)
+        return gaussian(seed, self.shards[name].key, 0, n * r).view(n, r)
+
+    def _u_rows(self, dseed: int, name: str, r0: int, r1: int) -> torch.Tensor:
+        r = self.cfg.method.rank
+        return gaussian(dseed, self.shards[name].key, r0 * r, r1 * r).view(r1 - r0, r)
+
+    # -- the step -------------------------------------------------------------------------------------
+    def losses(self, t: int, dseed: int, batch, rt: Runtime) -> tuple[float, float, int]:
+        m = self.cfg.method
+        for name, layer in self.layers.items():
+            self.ctx.u[layer.key] = self._u_rows(dseed, name, 0, self.dims[name][0])
+            self.ctx.v[layer.key] = self._v(t, name)
+        self.ctx.active, self.ctx.eps = True, m.zo_eps
+        try:
+            if m.functional_perturbation:
+                self.ctx.sign = None
+                return rt.loss_sums(batch, doubled=True)
+            self.ctx.sign = +1.0
+            lp, _, n = rt.loss_sums(batch, doubled=False)
+            self.ctx.sign = -1.0
+            lm, _, _ = rt.loss_sums(batch, doubled=False)
+            return lp, lm, n
+        finally:
+            self.ctx.active = False
+            self.ctx.u.clear()
+            self.ctx.v.clear()
+
+    def accumulate(self, t: int, dseed: int, coeff: float) -> None:
+        for name in self.shards:
+            r0, r1 = self.rows[name]
+            u = self._u_rows(dseed, name, r0, r1)
+            self.u_sum[name] = u.mul_(coeff) if name not in self.u_sum else self.u_sum[name].add_(u, alpha=coeff)
+
+    def update(self, t: int, lr: float) -> None:
+        beta = self.cfg.method.momentum
+        redraw = t > 0 and t % self.cfg.method.lazy_interval == 0
+        for name, s in self.shards.items():
+            if s.local.numel() == 0:
+                continue
+            v = self._v(t, name)
+            step_dir = self.u_sum.pop(name)                 # Σ_d g_d U_d (rows of this rank): the LOZO update
+            if beta > 0:
+                buf = self.momentum_buf[name]
+                if buf is not None and redraw:              # carry momentum into the new V's coordinates
+                    buf = buf @ (self._v(t - 1, name).T @ v) / self.dims[name][1]
+                buf = step_dir.mul_(1 - beta) if buf is None else buf.mul_(beta).add_(step_dir, alpha=1 - beta)
+                self.momentum_buf[name] = buf
+                step_dir = buf
+            apply_low_rank_rows(s, step_dir, v, lr)
+
+
+@register
+class LOZOM(LOZO):
+    name = "lozo_m"

@@ -1,0 +1,77 @@
+"""MeZO: dense Gaussian directions over the trainable tensors themselves (full fine-tuning).
+
+Each rank perturbs, in place, only the partition of each weight that ZeRO-3 assigned to it
+(θ_k ± εZ_k); the next forward gathers the perturbed tensors as usual. Restoring is exact: the
+unperturbed partition is copied aside once per measurement and copied back (θ+εz-2εz+εz is not θ in
+floating point). Two forwards per direction: a dense perturbation cannot be applied to half a batch.
+Weight decay, as in the reference implementation, skips 1-D tensors (biases, norms).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dszo.config import ConfigError, MethodConfig, register_method_config
+from dszo.methods.base import DenseEstimate, Runtime, ZOMethod, register
+
+
+@register_method_config("mezo")
+@dataclass
+class MeZOConfig(MethodConfig):
+    name: str = "mezo"
+    zo_eps: float = 1e-3
+    # Which parameters are trained: fnmatch patterns over parameter names ("*" = all of them).
+    trainable: list[str] = field(default_factory=lambda: ["*"])
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.trainable:
+            raise ConfigError("method.trainable must name at least one parameter pattern")
+
+
+@register
+class MeZO(ZOMethod):
+    name = "mezo"
+
+    def attach(self, model: nn.Module) -> None:
+        patterns = self.cfg.method.trainable
+        self.params = {n: p for n, p in model.named_parameters()  # tied tensors appear once
+                       if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+        if not self.params:
+            raise ValueError(f"method.trainable {patterns} matched no parameter of the model")
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return self.params
+
+    def setup(self, rt: Runtime, calibration_batches: list) -> None:
+        self.shards = {n: rt.shard(n, p) for n, p in self.params.items()}
+        no_decay = frozenset(n for n, s in self.shards.items() if len(s.shape) < 2)
+        self.estimate = DenseEstimate(self.shards, self.cfg, no_decay=no_decay)
+        self.backup = {n: torch.empty_like(s.local) for n, s in self.shards.items()}
+
+    def _perturb(self, dseed: int, scale: float) -> None:
+        for name, s in self.shards.items():
+            s.local.copy_(self.backup[name]).add_(self.estimate.direction(dseed, s), alpha=scale)
+
+    def losses(self, t: int, dseed: int, batch, rt: Runtime) -> tuple[float, float, int]:
+        eps = self.cfg.method.zo_eps
+        for name, s in self.shards.items():
+            self.backup[name].copy_(s.local)
+        try:
+            self._perturb(dseed, +eps)
+            lp, _, n = rt.loss_sums(batch, doubled=False)
+            self._perturb(dseed, -eps)
+            lm, _, _ = rt.loss_sums(batch, doubled=False)
+        finally:
+            for name, s in self.shards.items():
+                s.local.copy_(self.backup[name])
+        return lp, lm, n
+
+    def accumulate(self, t: int, dseed: int, coeff: float) -> None:
+        self.estimate.accumulate(dseed, coeff)
+
+    def update(self, t: int, lr: float) -> None:
+        self.estimate.apply(lr)

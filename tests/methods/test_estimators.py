@@ -1,0 +1,122 @@
+"""Estimator sanity on a problem with a known gradient: one linear layer, squared loss.
+
+The mean of many SPSA estimates approaches the true gradient in the method's parameterisation:
+ZO-Act (dense Gaussian on B): E[g Z] = ∇_B L.  LOZO (Z = U Vᵀ, U and V Gaussian with r columns):
+E[g U Vᵀ] = r ∇_W L.  With N estimates the relative error of the mean is about sqrt(d / N), so the
+tolerance is stated from N and the dimension d.
+"""
+import math
+
+import torch
+from torch import nn
+
+from dszo.config import TrainConfig, method_config_class
+from dszo.directions import direction_seed, gaussian, step_seed, tensor_key
+from dszo.methods import get_method
+from dszo.methods.base import Shard
+
+
+class Rows:
+    def __init__(self, x, target):
+        self.x, self.target = x, target
+        self.labels = torch.zeros(x.shape[0])
+        self.valid = torch.ones(x.shape[0], dtype=torch.bool)
+
+    def token_mask(self):
+        return torch.ones(self.x.shape[:2], dtype=torch.bool)
+
+
+class SquaredLossRuntime:
+    """Single process; loss = ½‖layer(x) - target‖² per row."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def shard(self, name, p):
+        return Shard(name, tensor_key(name), tuple(p.shape), 0, p.numel(), p.data.view(-1))
+
+    def forward(self, batch):
+        self.model(batch.x)
+
+    def loss_sums(self, batch, doubled):
+        x = torch.cat([batch.x, batch.x]) if doubled else batch.x
+        with torch.no_grad():
+            per_row = 0.5 * (self.model(x) - torch.cat([batch.target] * (2 if doubled else 1))).pow(2).sum((1, 2))
+        b = batch.x.shape[0]
+        return float(per_row[:b].sum()), float(per_row[b:].sum()) if doubled else 0.0, b
+
+    @staticmethod
+    def all_reduce_sum(t):
+        return t
+
+
+def _method(name, model, **opts):
+    cfg = TrainConfig(optim="sgd")
+    cfg.method = method_config_class(name)(**opts)
+    m = get_method(name)(cfg, run_seed=3)
+    m.attach(model)
+    return m
+
+
+def _problem(seed=0, n=12, m=6, r_in=3):
+    torch.manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, r_in))[0]
+    x = torch.randn(16, 5, r_in) @ basis.T            # inputs in an r_in-dimensional subspace
+    return x, torch.randn(16, 5, m), basis
+
+
+def test_zo_act_mean_estimate_approaches_gradient_of_B():
+    x, target, _ = _problem()
+    model = nn.Sequential(nn.Linear(12, 6, bias=False))
+    m = _method("zo_act", model, rank=3, zo_eps=1e-3, basis_power_iters=0, basis_oversample=16)
+    rt = SquaredLossRuntime(model)
+    batch = Rows(x, target)
+    m.setup(rt, [batch])
+    layer = model[0]
+    b = layer.zo_B.detach().clone().requires_grad_(True)
+    out = layer.base(x) + (x @ layer.zo_V) @ b.T
+    (0.5 * (out - target).pow(2).sum((1, 2)).mean()).backward()
+    true = b.grad
+    N, shard = 3000, m.shards["0.zo_B"]
+    mean = torch.zeros_like(true).view(-1)
+    for d in range(N):
+        dseed = direction_seed(step_seed(0, 0), d)
+        a, c, n = m.losses(0, dseed, batch, rt)
+        mean += m.projected_gradient(a, c, n) * gaussian(dseed, shard.key, 0, shard.numel) / N
+    rel = float((mean.view_as(true) - true).norm() / true.norm())
+    assert rel < 3 * math.sqrt(true.numel() / N), rel
+
+
+def test_lozo_mean_estimate_approaches_gradient_seen_through_fixed_V():
+    """With V fixed (lazy), E_U[g U Vᵀ] = ∇_W L · V Vᵀ: the gradient as seen through span(V)."""
+    x, target, _ = _problem(1)
+    model = nn.Sequential(nn.Linear(12, 6, bias=False))
+    w0 = model[0].weight.detach().clone().requires_grad_(True)
+    (0.5 * (x @ w0.T - target).pow(2).sum((1, 2)).mean()).backward()
+    m = _method("lozo", model, rank=2, zo_eps=1e-3, lazy_interval=10**9)
+    rt = SquaredLossRuntime(model)
+    batch = Rows(x, target)
+    m.setup(rt, [])
+    v = m._v(0, "0.base.weight")
+    expected = w0.grad @ v @ v.T
+    N, mean = 4000, torch.zeros_like(expected)
+    for d in range(N):
+        dseed = direction_seed(step_seed(0, 0), d)
+        a, c, n = m.losses(0, dseed, batch, rt)
+        mean += m.projected_gradient(a, c, n) * (m._u_rows(dseed, "0.base.weight", 0, 6) @ v.T) / N
+    rel = float((mean - expected).norm() / expected.norm())
+    assert rel < 3 * math.sqrt(6 * 2 / N), rel
+
+
+def test_lozo_v_is_fixed_for_lazy_interval_steps_and_u_is_fresh_each_step():
+    model = nn.Sequential(nn.Linear(12, 6, bias=False))
+    m = _method("lozo", model, rank=2, lazy_interval=5)
+    m.setup(SquaredLossRuntime(model), [])
+    name = "0.base.weight"
+    vs = [m._v(t, name) for t in range(11)]
+    assert all(torch.equal(vs[0], v) for v in vs[1:5])
+    assert not torch.equal(vs[4], vs[5]) and torch.equal(vs[5], vs[9]) and not torch.equal(vs[9], vs[10])
+    us = [m._u_rows(step_seed(3, t), name, 0, 6) for t in range(3)]
+    assert not torch.equal(us[0], us[1]) and not torch.equal(us[1], us[2])
+    # U and V come from independent streams: V of step 0 is not U of any step.
+    assert not any(torch.equal(u.view(-1)[:4], vs[0].reshape(-1)[:4]) for u in us)

@@ -1,0 +1,46 @@
+"""Launcher environment mapping (srun without a launcher, mpirun) and per-rank thread counts."""
+import torch
+
+from dszo import comm
+
+
+def test_slurm_env_is_mapped():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4(x2)",
+           "SLURM_JOB_NODELIST": "gpu[007-008]"}
+    comm.map_launcher_env(env)
+    assert env["RANK"] == "5" and env["WORLD_SIZE"] == "8" and env["LOCAL_RANK"] == "1"
+    assert env["LOCAL_WORLD_SIZE"] == "4" and env["MASTER_ADDR"] == "gpu007" and env["MASTER_PORT"] == "29500"
+
+
+def test_slurm_nodelist_expansion():
+    assert comm._expand_slurm_nodelist("n[01-03,07],login1") == ["n01", "n02", "n03", "n07", "login1"]
+
+
+def test_open_mpi_env_is_mapped_and_launcher_env_wins():
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "10.0.0.9"}
+    comm.map_launcher_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("1", "2", "1", "10.0.0.9")
+    set_by_launcher = {"RANK": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4"}
+    assert comm.map_launcher_env(set_by_launcher) == {} and set_by_launcher["RANK"] == "0"
+
+
+def test_threads_split_between_local_ranks(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # the deepspeed launcher's name for it
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        assert comm.set_cpu_threads() == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert comm.set_cpu_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_counter_counts_payload_bytes():
+    c = comm.CommCounter()
+    calls = []
+    wrapped = c._wrap("all_reduce", lambda t, **kw: calls.append(t))
+    wrapped(torch.zeros(3, dtype=torch.float64))
+    assert c.bytes["all_reduce"] == 24 and c.calls["all_reduce"] == 1 and len(calls) == 1
