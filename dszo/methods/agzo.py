@@ -19,7 +19,7 @@ from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
 from dszo.methods.base import Runtime, ZOMethod, register
 from dszo.methods.lozo import apply_low_rank_rows, shard_rows
-from dszo.methods.zo_act import select_linear_layers
+from dszo.methods.layers import wrap_linear_layers
 from dszo.subspace import orthonormalize
 
 _OMEGA_STREAM = 0xA620
@@ -71,12 +71,9 @@ class AGZO(ZOMethod):
         self.subspace_step = -1
 
     def attach(self, model: nn.Module) -> None:
-        self.layers: dict[str, ActivationGuidedLinear] = {}
-        for name, linear in select_linear_layers(model, self.cfg.method.target_modules):
-            parent, _, child = name.rpartition(".")
-            wrapped = ActivationGuidedLinear(linear, f"{name}.base.weight", self)
-            setattr(model.get_submodule(parent) if parent else model, child, wrapped)
-            self.layers[wrapped.name] = wrapped
+        wrapped = wrap_linear_layers(model, self.cfg.method.target_modules,
+                                     lambda name, linear: ActivationGuidedLinear(linear, f"{name}.base.weight", self))
+        self.layers: dict[str, ActivationGuidedLinear] = {w.name: w for w in wrapped.values()}
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: layer.base.weight for n, layer in self.layers.items()}

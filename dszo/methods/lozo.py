@@ -21,7 +21,7 @@ from torch import nn
 from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
 from dszo.methods.base import Runtime, Shard, ZOMethod, register
-from dszo.methods.zo_act import select_linear_layers
+from dszo.methods.layers import wrap_linear_layers
 
 _V_STREAM = 0x1A2F
 
@@ -117,12 +117,9 @@ class LOZO(ZOMethod):
 
     def attach(self, model: nn.Module) -> None:
         self.ctx = LowRankPerturbation()
-        self.layers: dict[str, LowRankPerturbedLinear] = {}
-        for name, linear in select_linear_layers(model, self.cfg.method.target_modules):
-            parent, _, child = name.rpartition(".")
-            wrapped = LowRankPerturbedLinear(linear, tensor_key(f"{name}.base.weight"), self.ctx)
-            setattr(model.get_submodule(parent) if parent else model, child, wrapped)
-            self.layers[f"{name}.base.weight"] = wrapped
+        wrapped = wrap_linear_layers(model, self.cfg.method.target_modules, lambda name, linear: LowRankPerturbedLinear(
+            linear, tensor_key(f"{name}.base.weight"), self.ctx))
+        self.layers: dict[str, LowRankPerturbedLinear] = {f"{n}.base.weight": w for n, w in wrapped.items()}
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: layer.base.weight for n, layer in self.layers.items()}

@@ -20,6 +20,7 @@ from torch import nn
 from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
 from dszo.methods.base import DenseEstimate, Runtime, ZOMethod, register
+from dszo.methods.layers import wrap_linear_layers
 from dszo.subspace import nystrom_basis, orthonormalize, sketch_width
 
 _BASIS_STREAM = 0xBA515
@@ -80,13 +81,13 @@ class LayerPerturbation:
 
 
 class ZOActLinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, ctx: LayerPerturbation) -> None:
+    def __init__(self, base: nn.Linear, rank: int, ctx: LayerPerturbation, key_B: int) -> None:
         super().__init__()
         self.base = base
         self.zo_V = nn.Parameter(torch.zeros(base.in_features, rank), requires_grad=False)
         self.zo_B = nn.Parameter(torch.zeros(base.out_features, rank), requires_grad=False)
         object.__setattr__(self, "_ctx", ctx)  # shared state, not a submodule
-        self.key_B = 0
+        self.key_B = key_B  # directions.tensor_key of this layer's B
         self.sketch_q: Optional[torch.Tensor] = None   # calibration iterate (n x k), not sharded
         self.sketch_s: Optional[torch.Tensor] = None
 
@@ -110,19 +111,6 @@ class ZOActLinear(nn.Module):
         return y.add_((h @ b.T).to(y.dtype))                  # in place: no second output-sized buffer
 
 
-def select_linear_layers(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Linear]]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
-    if "all-linear" in targets:
-        return linears
-    chosen = [(n, m) for n, m in linears if any(n == t or n.endswith("." + t) for t in targets)]
-    if not chosen:
-        kinds = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
-        raise ValueError(f"method.target_modules {targets} matched no linear layer; available: "
-                         f"{', '.join(kinds)} (or 'all-linear')")
-    return chosen
-
-
 @register
 class ZOAct(ZOMethod):
     name = "zo_act"
@@ -130,13 +118,9 @@ class ZOAct(ZOMethod):
 
     def attach(self, model: nn.Module) -> None:
         self.ctx = LayerPerturbation()
-        self.adapters: dict[str, ZOActLinear] = {}
-        for name, linear in select_linear_layers(model, self.cfg.method.target_modules):
-            parent_name, _, child = name.rpartition(".")
-            adapter = ZOActLinear(linear, self.cfg.method.rank, self.ctx)
-            adapter.key_B = tensor_key(f"{name}.zo_B")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, adapter)
-            self.adapters[name] = adapter
+        self.adapters: dict[str, ZOActLinear] = wrap_linear_layers(
+            model, self.cfg.method.target_modules, lambda name, linear: ZOActLinear(linear, self.cfg.method.rank, self.ctx,
+                                                                                    tensor_key(f"{name}.zo_B")))
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {f"{n}.zo_B": a.zo_B for n, a in self.adapters.items()}

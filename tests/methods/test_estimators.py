@@ -1,9 +1,9 @@
 """Estimator sanity on a problem with a known gradient: one linear layer, squared loss.
 
 The mean of many SPSA estimates approaches the true gradient in the method's parameterisation:
-ZO-Act (dense Gaussian on B): E[g Z] = ∇_B L.  LOZO (Z = U Vᵀ, U and V Gaussian with r columns):
-E[g U Vᵀ] = r ∇_W L.  With N estimates the relative error of the mean is about sqrt(d / N), so the
-tolerance is stated from N and the dimension d.
+ZO-Act (dense Gaussian on B): E[g Z] = ∇_B L.  LOZO (Z = U Vᵀ, U Gaussian m x r, V fixed between lazy
+redraws): E_U[g U Vᵀ] = ∇_W L V Vᵀ, the gradient seen through span(V). With N estimates the relative error
+of the mean is about sqrt(d / N) (d = the dimension the direction lives in), and the tolerance is 3x that.
 """
 import math
 
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from dszo.config import TrainConfig, method_config_class
-from dszo.directions import direction_seed, gaussian, step_seed, tensor_key
+from dszo.directions import direction_seed, gaussian, step_seed
 from dszo.methods import get_method
-from dszo.methods.base import Shard
+from methods.local_runtime import LocalRuntime
 
 
 class Rows:
@@ -26,17 +26,8 @@ class Rows:
         return torch.ones(self.x.shape[:2], dtype=torch.bool)
 
 
-class SquaredLossRuntime:
+class SquaredLossRuntime(LocalRuntime):
     """Single process; loss = ½‖layer(x) - target‖² per row."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def shard(self, name, p):
-        return Shard(name, tensor_key(name), tuple(p.shape), 0, p.numel(), p.data.view(-1))
-
-    def forward(self, batch):
-        self.model(batch.x)
 
     def loss_sums(self, batch, doubled):
         x = torch.cat([batch.x, batch.x]) if doubled else batch.x
@@ -44,10 +35,6 @@ class SquaredLossRuntime:
             per_row = 0.5 * (self.model(x) - torch.cat([batch.target] * (2 if doubled else 1))).pow(2).sum((1, 2))
         b = batch.x.shape[0]
         return float(per_row[:b].sum()), float(per_row[b:].sum()) if doubled else 0.0, b
-
-    @staticmethod
-    def all_reduce_sum(t):
-        return t
 
 
 def _method(name, model, **opts):

@@ -3,9 +3,8 @@ import torch
 from torch import nn
 
 from dszo.config import TrainConfig
-from dszo.directions import tensor_key
-from dszo.methods.base import Shard
 from dszo.methods.zo_act import ZOAct
+from methods.local_runtime import LocalRuntime
 
 
 class Inputs:
@@ -16,24 +15,6 @@ class Inputs:
 
     def token_mask(self):
         return torch.ones(self.x.shape[:2], dtype=torch.bool)
-
-
-class LocalRuntime:
-    """Single process: a rank owns every element; the all-reduce is the identity."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def shard(self, name, p):
-        return Shard(name, tensor_key(name), tuple(p.shape), 0, p.numel(), p.data.view(-1))
-
-    def forward(self, batch):
-        with torch.no_grad():
-            self.model(batch.x)
-
-    @staticmethod
-    def all_reduce_sum(t):
-        return t
 
 
 def _zo_act(model, rank, **method):
