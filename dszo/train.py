@@ -234,5 +234,20 @@ def main(argv=None) -> int:
             torch.distributed.destroy_process_group()
 
 
+def _exit(code: int) -> None:
+    """Leave without interpreter finalisation: gloo's worker threads can still hold tensors with Python
+    references, and destroying them while the interpreter tears down aborts the rank ("terminate called
+    without an active exception", exit -6) even after barrier + destroy_process_group; seen under load.
+    Everything dszo writes is closed or flushed by now."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def cli() -> None:
+    """Console entry point (`dszo-train`)."""
+    _exit(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
