@@ -1,17 +1,19 @@
-"""ZO step time and per-rank peak RSS vs plain forward passes of the same batch (issue: the spine).
+"""ZO step time and per-rank peak RSS vs plain forward passes of the same batch, for any method.
 
     .venv/bin/deepspeed --num_gpus 2 benchmarks/spine_step.py --config configs/rotten_tomatoes_zo_act.yaml \
         --reps 6 --out benchmarks/results/spine_step.json
+    (per method: --config configs/rotten_tomatoes_<method>.yaml --out benchmarks/results/step_<method>.json)
 
-On every rank, for the same micro-batches of the main job's config:
-  fwd2x   one plain forward (adapters applying B, no perturbation) over the doubled batch [b; b]
-  two_fwd two plain forwards over the batch b (what a non-functional ZO step would contain)
-  step    a full ZO-Act step (perturbed forward over [b; b], the 3-scalar all-reduce, the update)
+On every rank, for the same micro-batches of the config:
+  fwd2x   one plain forward (no perturbation) over the doubled batch [b; b]
+  two_fwd two plain forwards over the batch b (what a two-forward ZO step contains)
+  step    a full ZO step of the method (its forwards, the 3-scalar all-reduce, the update)
 Peak RSS is reset (clear_refs) before each phase and read from VmHWM after it.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -84,7 +86,7 @@ def main():
         }
         out = {"benchmark": "spine_step", "environment": environment(), "world_size": world,
                "threads_per_rank": torch.get_num_threads(),
-               "config": {"method": cfg.method.name, "rank": cfg.method.rank, "per_device_train_batch_size": micro,
+               "config": {"method": dataclasses.asdict(cfg.method), "per_device_train_batch_size": micro,
                           "model": cfg.model.name_or_path, "reps": a.reps},
                "summary": summary, "per_rank": per_rank}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from dszo import comm  # noqa: E402
 from dszo.assets import set_default_extension_dir  # noqa: E402
 from dszo.config import ConfigError, TrainConfig, dump_yaml, load_config, load_ds_config, parse_overrides  # noqa: E402
 from dszo.data import DataError, EncodedSplit, PromptEncoder, StepSampler, load_examples, split  # noqa: E402
+from dszo.evaluate import evaluate  # noqa: E402
 from dszo.metrics import MetricsWriter, peak_rss_mb  # noqa: E402
 from dszo.optim import lr_at  # noqa: E402
 
@@ -146,8 +147,6 @@ def train(cfg: TrainConfig) -> dict:
         metrics.log({"event": "eval", "step": step, "eval_accuracy": res["accuracy"], "eval_loss": res["loss"],
                      "eval_examples": res["num_examples"], "eval_s": time.perf_counter() - tic})
         return res
-
-    from dszo.evaluate import evaluate
 
     before = run_eval(0) if cfg.eval_before_training else None
     if main and before:

@@ -99,3 +99,9 @@ def test_ds_config_missing_or_invalid(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_ds_config(str(p), TrainConfig(), 1)
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(str(path))
+    assert cfg.method.name in path.stem
