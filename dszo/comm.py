@@ -150,7 +150,6 @@ class CommCounter:
 
 
 COUNTER: Optional[CommCounter] = None
-DSZO_BYTES = {"all_reduce": 0}  # bytes of dszo's own collectives (a subset of COUNTER's)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +200,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return values
     out = values.to(device(), copy=True)
-    DSZO_BYTES["all_reduce"] += out.numel() * out.element_size()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(values.device)
 
@@ -220,11 +218,6 @@ def all_max_int(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
-
-
-def barrier() -> None:
-    if is_initialized():
-        dist.barrier()
 
 
 def shutdown() -> None:

@@ -70,6 +70,3 @@ class ShardOptimizer:
         bc1, bc2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
         denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
         param.addcdiv_(m, denom, value=-lr / bc1)
-
-    def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values())

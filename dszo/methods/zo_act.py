@@ -130,18 +130,18 @@ class ZOAct(ZOMethod):
 
     def setup(self, rt: Runtime, calibration_batches: list) -> None:
         self.shards = {n: rt.shard(n, p) for n, p in self.trainable().items()}
-        self.basis_eigenvalues = self._compute_bases(rt, calibration_batches)
+        self._compute_bases(rt, calibration_batches)
         self.estimate = DenseEstimate(self.shards, self.cfg)
 
-    def _compute_bases(self, rt: Runtime, batches: list) -> dict[str, torch.Tensor]:
-        """V = top-r eigenvectors of Σ h hᵀ over the calibration data of all ranks (subspace iteration)."""
+    def _compute_bases(self, rt: Runtime, batches: list) -> None:
+        """V = top-r eigenvectors of Σ h hᵀ over the calibration data of all ranks (randomized power
+        iteration on all-reduced sketches, then a Nyström step)."""
         m = self.cfg.method
         for name, a in self.adapters.items():
             n = a.base.in_features
             k = sketch_width(n, m.rank, m.basis_oversample)
             start = gaussian(mix(self.run_seed, _BASIS_STREAM), tensor_key(f"{name}.zo_V"), 0, n * k)
             a.sketch_q = orthonormalize(start.view(n, k).double())
-        evals = {}
         tokens = sum(int(b.token_mask().sum()) for b in batches)
         for it in range(m.basis_power_iters + 1):
             for a in self.adapters.values():
@@ -160,14 +160,13 @@ class ZOAct(ZOMethod):
                 if it < m.basis_power_iters:
                     a.sketch_q = orthonormalize(s)
                 else:
-                    v, evals[name] = nystrom_basis(a.sketch_q, s, m.rank)
+                    v, evals = nystrom_basis(a.sketch_q, s, m.rank)
                     if m.basis_scale == "unit_rms":  # Vᵀh gets unit mean square over the calibration tokens
-                        mean_sq = evals[name] / total_tokens
+                        mean_sq = evals / total_tokens
                         v = v / mean_sq.clamp(min=1e-6 * float(mean_sq[0]) + 1e-30).sqrt()
                     shard = rt.shard(f"{name}.zo_V", a.zo_V)
                     shard.local.copy_(v.reshape(-1)[shard.start:shard.end].to(shard.local.dtype))
                     a.sketch_q = a.sketch_s = None
-        return evals
 
     def losses(self, t: int, dseed: int, batch, rt: Runtime) -> tuple[float, float, int]:
         eps = self.cfg.method.zo_eps
