@@ -105,3 +105,12 @@ def test_ds_config_missing_or_invalid(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = load_config(str(path))
     assert cfg.method.name in path.stem
+
+
+@pytest.mark.parametrize("name", ["lozo", "lozo_m", "agzo"])
+def test_low_rank_sgd_methods_refuse_other_optimisers(name):
+    from dszo.methods import get_method
+
+    cfg = load_config(None, {"method": {"name": name}, "optim": "adam"})
+    with pytest.raises(ConfigError, match=rf"method {name} updates W with SGD along .*set optim: sgd \(got optim: adam\)"):
+        get_method(name)(cfg, run_seed=0)

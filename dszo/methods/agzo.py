@@ -17,7 +17,7 @@ from torch import nn
 
 from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
-from dszo.methods.base import Runtime, ZOMethod, register
+from dszo.methods.base import Runtime, ZOMethod, register, require_sgd
 from dszo.methods.lozo import apply_low_rank_rows, shard_rows
 from dszo.methods.layers import wrap_linear_layers
 from dszo.subspace import orthonormalize
@@ -63,8 +63,7 @@ class AGZO(ZOMethod):
 
     def __init__(self, cfg, run_seed: int) -> None:
         super().__init__(cfg, run_seed)
-        if cfg.optim != "sgd":
-            raise ConfigError(f"method agzo updates W with SGD along R Aᵀ; set optim: sgd (got optim: {cfg.optim})")
+        require_sgd(cfg, "R Aᵀ")
         if cfg.gradient_accumulation_steps != 1:
             raise ConfigError("method agzo computes its subspace from one batch: set gradient_accumulation_steps: 1")
         self.mode, self.captured, self.R, self.A, self.token_mask = "off", {}, {}, {}, None

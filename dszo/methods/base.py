@@ -158,6 +158,15 @@ class DenseEstimate:
             e.zero_()
 
 
+def require_sgd(cfg, update: str) -> None:
+    """Methods whose update is SGD along their own low-rank direction (LOZO, AGZO) refuse another optim."""
+    if cfg.optim != "sgd":
+        from dszo.config import ConfigError
+
+        raise ConfigError(f"method {cfg.method.name} updates W with SGD along {update}; set optim: sgd "
+                          f"(got optim: {cfg.optim})")
+
+
 REGISTRY: dict[str, type[ZOMethod]] = {}
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
-from dszo.methods.base import Runtime, Shard, ZOMethod, register
+from dszo.methods.base import Runtime, Shard, ZOMethod, register, require_sgd
 from dszo.methods.layers import wrap_linear_layers
 
 _V_STREAM = 0x1A2F
@@ -111,9 +111,7 @@ class LOZO(ZOMethod):
 
     def __init__(self, cfg, run_seed: int) -> None:
         super().__init__(cfg, run_seed)
-        if cfg.optim != "sgd":
-            raise ConfigError(f"method {cfg.method.name} updates W with SGD along U Vᵀ (LOZO-M: its own momentum, "
-                              f"method.momentum); set optim: sgd (got optim: {cfg.optim})")
+        require_sgd(cfg, "U Vᵀ (LOZO-M: with its own momentum, method.momentum)")
 
     def attach(self, model: nn.Module) -> None:
         self.ctx = LowRankPerturbation()
