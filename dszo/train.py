@@ -139,7 +139,10 @@ def train(cfg: TrainConfig) -> dict:
     metrics.log({"event": "setup", "world_size": world, "threads": torch.get_num_threads(),
                  "setup_s": time.perf_counter() - t_start, **build_times, "peak_rss_mb": peak_rss_mb(),
                  "trainable_elements_local": sum(s.local.numel() for s in method.shards.values()),
-                 "train_examples": len(train_split), "dev_examples": len(dev)})
+                 "train_examples": len(train_split), "dev_examples": len(dev), "frozen_1d": method.frozen_1d})
+    if main and method.frozen_1d:
+        tqdm.write(f"[dszo] {len(method.frozen_1d)} 1-D tensors stay frozen (no functional perturbation for their "
+                   f"module): {', '.join(method.frozen_1d[:5])}{' ...' if len(method.frozen_1d) > 5 else ''}")
 
     def run_eval(step: int) -> dict:
         tic = time.perf_counter()

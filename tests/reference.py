@@ -129,8 +129,14 @@ class ReferenceMeZO(_Reference):
         return res
 
 
+def vectors(model) -> dict[str, torch.Tensor]:
+    """The 1-D parameters (norm scales, biases), under the names dszo gives them once their module is wrapped."""
+    return {n.rsplit(".", 1)[0] + ".base." + n.rsplit(".", 1)[1]: p for n, p in model.named_parameters() if p.dim() == 1}
+
+
 class ReferenceLOZO(_Reference):
-    """Z = U Vᵀ per linear weight written into W; W -= lr g U Vᵀ, or LOZO-M's momentum N in the small space."""
+    """Z = U Vᵀ per linear weight written into W, dense z on 1-D tensors; W -= lr g U Vᵀ, or LOZO-M's
+    momentum N in the small space (and N ← β N + (1-β) g z on the 1-D tensors)."""
 
     def __init__(self, model_dir, data_cfg, seed, eps, lr, rank, lazy_interval, momentum=0.0):
         from dszo.methods.lozo import v_seed
@@ -141,6 +147,8 @@ class ReferenceLOZO(_Reference):
                         if isinstance(m, torch.nn.Linear) and m is not head}
         self.lr, self.rank, self.nu, self.beta, self.v_seed = lr, rank, lazy_interval, momentum, v_seed
         self.N: dict[str, torch.Tensor] = {}
+        self.vectors = vectors(self.model)
+        self.weights.update(self.vectors)
 
     def _uv(self, t, name, w):
         m, n = w.shape
@@ -151,10 +159,21 @@ class ReferenceLOZO(_Reference):
 
     def step(self, t: int, global_batch: int) -> dict:
         idx = StepSampler(len(self.tokens), global_batch, self.seed).global_indices(t)
-        uv = {name: self._uv(t, name, w) for name, w in self.weights.items()}
-        res = self.two_point(idx, self.weights, {n: u @ v.T for n, (u, v) in uv.items()})
+        s = step_seed(self.seed, t)
+        uv = {name: self._uv(t, name, w) for name, w in self.weights.items() if name not in self.vectors}
+        z = {n: u @ v.T for n, (u, v) in uv.items()}
+        z.update({n: gaussian(s, tensor_key(n), 0, p.numel()) for n, p in self.vectors.items()})
+        res = self.two_point(idx, self.weights, z)
         g = res["proj_grad"]
+        for name, p in self.vectors.items():
+            if self.beta > 0:
+                self.N[name] = self.beta * self.N.get(name, torch.zeros_like(p)) + (1 - self.beta) * g * z[name]
+                p.data -= self.lr * self.N[name]
+            else:
+                p.data -= self.lr * g * z[name]
         for name, w in self.weights.items():
+            if name in self.vectors:
+                continue
             u, v = uv[name]
             if self.beta > 0:
                 if name in self.N and t % self.nu == 0:
@@ -180,6 +199,8 @@ class ReferenceAGZO(_Reference):
         self.modules = {f"{n}.base.weight": m for n, m in self.model.named_modules()
                         if isinstance(m, torch.nn.Linear) and m is not head}
         self.weights = {n: m.weight for n, m in self.modules.items()}
+        self.vectors = vectors(self.model)
+        self.weights.update(self.vectors)
         self.lr, self.rank, self.iters = lr, rank, power_iters
         self.omega_seed = lambda t: mix(seed, _OMEGA_STREAM, t)  # noqa: E731
 
@@ -191,8 +212,9 @@ class ReferenceAGZO(_Reference):
         f0 = self.mean_loss(idx)
         for h in handles:
             h.remove()
-        z = {}
-        for name, w in self.weights.items():
+        z = {n: gaussian(step_seed(self.seed, t), tensor_key(n), 0, p.numel()) for n, p in self.vectors.items()}
+        for name in self.modules:
+            w = self.weights[name]
             h = torch.cat(acts[name])
             m, n = w.shape
             q = gaussian(self.omega_seed(t), tensor_key(name), 0, n * self.rank).view(n, self.rank)

@@ -5,8 +5,8 @@ A = the dominant r-dimensional subspace of HᵀH (power iterations + QR from a s
 seed) -- every sketch HᵀH Q is all-reduced so that all ranks perturb in the same subspace (the one
 per-step collective larger than a scalar; its bytes show up in the metrics). Then Z = R Aᵀ with R (m x r)
 Gaussian, f+ = L(θ + μZ) applied functionally (W x + μ R (Aᵀ x)), g = (f+ - f0) / μ, and each rank writes
-W ← W - η g R Aᵀ into its own partition of W.
-Decision: like LOZO, only the 2-D weights of the target linear layers are trained.
+W ← W - η g R Aᵀ into its own partition of W. The 1-D tensors (norms, biases; `train_1d`) get dense
+directions in the same forward (vectors.py) and plain SGD.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from torch import nn
 from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
 from dszo.methods.base import Runtime, ZOMethod, register, require_sgd
-from dszo.methods.lozo import apply_low_rank_rows, shard_rows
+from dszo.methods.lozo import apply_low_rank_rows, shard_rows, train_vectors
 from dszo.methods.layers import wrap_linear_layers
+from dszo.methods.vectors import VectorEstimate, VectorPerturbation, perturb_bias, unsupported_vectors
 from dszo.subspace import orthonormalize
 
 _OMEGA_STREAM = 0xA620
@@ -33,6 +34,7 @@ class AGZOConfig(MethodConfig):
     rank: int = 1
     power_iters: int = 3
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    train_1d: bool = True                  # also train norm scales and biases, with dense directions
 
     def validate(self) -> None:
         super().validate()
@@ -47,8 +49,8 @@ class ActivationGuidedLinear(nn.Module):
         object.__setattr__(self, "_owner", owner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         o = self._owner
+        y = perturb_bias(o.vctx, self.base(x), self.name.removesuffix(".base.weight"), self.base)
         if o.mode == "capture":
             o.captured[self.name] = x.reshape(-1, x.shape[-1])[o.token_mask].detach().to(torch.float32)
         elif o.mode == "perturb":
@@ -67,18 +69,22 @@ class AGZO(ZOMethod):
         if cfg.gradient_accumulation_steps != 1:
             raise ConfigError("method agzo computes its subspace from one batch: set gradient_accumulation_steps: 1")
         self.mode, self.captured, self.R, self.A, self.token_mask = "off", {}, {}, {}, None
+        self.vctx = VectorPerturbation()
         self.subspace_step = -1
 
     def attach(self, model: nn.Module) -> None:
         wrapped = wrap_linear_layers(model, self.cfg.method.target_modules,
                                      lambda name, linear: ActivationGuidedLinear(linear, f"{name}.base.weight", self))
         self.layers: dict[str, ActivationGuidedLinear] = {w.name: w for w in wrapped.values()}
+        self.vectors = train_vectors(model, self.cfg.method.train_1d, wrapped, self.vctx)
+        self.frozen_1d = unsupported_vectors(model, self.vectors) if self.cfg.method.train_1d else []
 
     def trainable(self) -> dict[str, nn.Parameter]:
-        return {n: layer.base.weight for n, layer in self.layers.items()}
+        return {**{n: layer.base.weight for n, layer in self.layers.items()}, **self.vectors}
 
     def setup(self, rt: Runtime, calibration_batches: list) -> None:
         self.shards = {n: rt.shard(n, p) for n, p in self.trainable().items()}
+        self.vector_estimate = VectorEstimate({n: self.shards[n] for n in self.vectors})
         self.step_dir: dict[str, torch.Tensor] = {}
 
     def _subspaces(self, t: int, rt: Runtime) -> None:
@@ -109,10 +115,12 @@ class AGZO(ZOMethod):
         self.R = {name: gaussian(dseed, self.shards[name].key, 0, self.shards[name].shape[0] * r)
                   .view(self.shards[name].shape[0], r) for name in self.layers}
         self.mode = "perturb"
+        self.vctx.set(dseed, self.cfg.method.zo_eps, +1.0)
         try:
             fp, _, _ = rt.loss_sums(batch, doubled=False)
         finally:
             self.mode = "off"
+            self.vctx.off()
         return fp, self.f0, self.n
 
     def projected_gradient(self, a: float, b: float, n: float) -> float:
@@ -120,10 +128,13 @@ class AGZO(ZOMethod):
         return (a - b) / n / self.cfg.method.zo_eps
 
     def accumulate(self, t: int, dseed: int, coeff: float) -> None:
+        self.vector_estimate.accumulate(dseed, coeff)
         for name, rmat in self.R.items():
             self.step_dir[name] = coeff * rmat if name not in self.step_dir else self.step_dir[name].add_(rmat, alpha=coeff)
 
     def update(self, t: int, lr: float) -> None:
-        for name, s in self.shards.items():
+        self.vector_estimate.apply(lr)
+        for name in self.layers:
+            s = self.shards[name]
             r0, r1 = shard_rows(s)
             apply_low_rank_rows(s, self.step_dir.pop(name)[r0:r1], self.A[name], lr)

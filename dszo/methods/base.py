@@ -65,6 +65,7 @@ class ZOMethod(ABC):
 
     name: str = ""
     result_file: str = "trainable.safetensors"   # what train.py writes the trained tensors to
+    frozen_1d: list[str] = []                     # 1-D tensors a method would train but cannot perturb (logged)
 
     def __init__(self, cfg, run_seed: int) -> None:
         self.cfg = cfg            # the whole TrainConfig (method section at cfg.method)

@@ -8,7 +8,8 @@ update W ← W - η g U Vᵀ is written into each rank's partition of W only (th
 
 LOZO-M keeps momentum in the small space: N ← β N + (1-β) g U and W ← W - η N Vᵀ; when V is redrawn,
 N ← N (V_oldᵀ V_new) / n before the blend. Each rank holds the rows of N its partition of W touches.
-Decision: only the 2-D weights of the target linear layers are trained (1-D tensors stay frozen).
+The 1-D tensors (norms, biases; `train_1d`) get dense directions, also applied functionally (vectors.py),
+with plain SGD for LOZO and the same momentum rule (N ← β N + (1-β) ĝ) for LOZO-M.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
 from dszo.methods.base import Runtime, Shard, ZOMethod, register, require_sgd
 from dszo.methods.layers import wrap_linear_layers
+from dszo.methods.vectors import VectorEstimate, VectorPerturbation, perturb_bias, unsupported_vectors, wrap_norms
 
 _V_STREAM = 0x1A2F
 
@@ -40,6 +42,7 @@ class LOZOConfig(MethodConfig):
     lazy_interval: int = 50            # ν: V is redrawn every ν steps
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     momentum: float = 0.0              # β; > 0 keeps momentum in the small space (LOZO-M)
+    train_1d: bool = True              # also train norm scales and biases, with dense directions
 
     def validate(self) -> None:
         super().validate()
@@ -84,14 +87,15 @@ class LowRankPerturbation:
 
 
 class LowRankPerturbedLinear(nn.Module):
-    def __init__(self, base: nn.Linear, key: int, ctx: LowRankPerturbation) -> None:
+    def __init__(self, base: nn.Linear, name: str, ctx: LowRankPerturbation, vctx: VectorPerturbation) -> None:
         super().__init__()
-        self.base = base
-        self.key = key
+        self.base, self.name = base, name
+        self.key = tensor_key(f"{name}.base.weight")
         object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "_vctx", vctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = perturb_bias(self._vctx, self.base(x), self.name, self.base)
         ctx = self._ctx
         if not ctx.active:
             return y
@@ -105,6 +109,16 @@ class LowRankPerturbedLinear(nn.Module):
         return y.add_((ctx.sign * ctx.eps * h).to(y.dtype))
 
 
+def train_vectors(model: nn.Module, enabled: bool, linears: dict, vctx: VectorPerturbation) -> dict[str, nn.Parameter]:
+    """The 1-D tensors trained with dense directions: every supported norm's scale/shift and the biases of
+    the wrapped linear layers (none when `enabled` is false)."""
+    if not enabled:
+        return {}
+    vectors = wrap_norms(model, vctx)
+    vectors.update({f"{n}.base.bias": w.base.bias for n, w in linears.items() if w.base.bias is not None})
+    return vectors
+
+
 @register
 class LOZO(ZOMethod):
     name = "lozo"
@@ -114,21 +128,24 @@ class LOZO(ZOMethod):
         require_sgd(cfg, "U Vᵀ (LOZO-M: with its own momentum, method.momentum)")
 
     def attach(self, model: nn.Module) -> None:
-        self.ctx = LowRankPerturbation()
+        self.ctx, self.vctx = LowRankPerturbation(), VectorPerturbation()
         wrapped = wrap_linear_layers(model, self.cfg.method.target_modules, lambda name, linear: LowRankPerturbedLinear(
-            linear, tensor_key(f"{name}.base.weight"), self.ctx))
+            linear, name, self.ctx, self.vctx))
         self.layers: dict[str, LowRankPerturbedLinear] = {f"{n}.base.weight": w for n, w in wrapped.items()}
+        self.vectors = train_vectors(model, self.cfg.method.train_1d, wrapped, self.vctx)
+        self.frozen_1d = unsupported_vectors(model, self.vectors) if self.cfg.method.train_1d else []
 
     def trainable(self) -> dict[str, nn.Parameter]:
-        return {n: layer.base.weight for n, layer in self.layers.items()}
+        return {**{n: layer.base.weight for n, layer in self.layers.items()}, **self.vectors}
 
     def setup(self, rt: Runtime, calibration_batches: list) -> None:
         self.shards = {n: rt.shard(n, p) for n, p in self.trainable().items()}
-        self.dims = {n: (s.shape[0], s.shape[1]) for n, s in self.shards.items()}
-        self.rows = {n: shard_rows(s) for n, s in self.shards.items()}  # rows of W (and U, N) this rank touches
+        self.matrices = {n: self.shards[n] for n in self.layers}
+        self.dims = {n: (s.shape[0], s.shape[1]) for n, s in self.matrices.items()}
+        self.rows = {n: shard_rows(s) for n, s in self.matrices.items()}  # rows of W (and U, N) this rank touches
         self.u_sum: dict[str, torch.Tensor] = {}
-        self.momentum_buf: dict[str, Optional[torch.Tensor]] = {n: None for n in self.shards}
-        self.v_epoch = -1
+        self.momentum_buf: dict[str, Optional[torch.Tensor]] = {n: None for n in self.matrices}
+        self.vector_estimate = VectorEstimate({n: self.shards[n] for n in self.vectors}, self.cfg.method.momentum)
 
     # -- directions -----------------------------------------------------------------------------------
     def _v(self, t: int, name: str) -> torch.Tensor:
@@ -151,19 +168,24 @@ class LOZO(ZOMethod):
         try:
             if m.functional_perturbation:
                 self.ctx.sign = None
+                self.vctx.set(dseed, m.zo_eps, None)
                 return rt.loss_sums(batch, doubled=True)
             self.ctx.sign = +1.0
+            self.vctx.set(dseed, m.zo_eps, +1.0)
             lp, _, n = rt.loss_sums(batch, doubled=False)
             self.ctx.sign = -1.0
+            self.vctx.set(dseed, m.zo_eps, -1.0)
             lm, _, _ = rt.loss_sums(batch, doubled=False)
             return lp, lm, n
         finally:
             self.ctx.active = False
             self.ctx.u.clear()
             self.ctx.v.clear()
+            self.vctx.off()
 
     def accumulate(self, t: int, dseed: int, coeff: float) -> None:
-        for name in self.shards:
+        self.vector_estimate.accumulate(dseed, coeff)
+        for name in self.matrices:
             r0, r1 = self.rows[name]
             u = self._u_rows(dseed, name, r0, r1)
             self.u_sum[name] = u.mul_(coeff) if name not in self.u_sum else self.u_sum[name].add_(u, alpha=coeff)
@@ -171,7 +193,8 @@ class LOZO(ZOMethod):
     def update(self, t: int, lr: float) -> None:
         beta = self.cfg.method.momentum
         redraw = t > 0 and t % self.cfg.method.lazy_interval == 0
-        for name, s in self.shards.items():
+        self.vector_estimate.apply(lr)
+        for name, s in self.matrices.items():
             if s.local.numel() == 0:
                 continue
             v = self._v(t, name)
