@@ -42,11 +42,15 @@ def load_model(cfg, ds_config: dict):
     return model
 
 
-def initialize(model: nn.Module, ds_config: dict):
+def initialize(model: nn.Module, ds_config: dict, optimizer=None):
+    """Forward-only for the ZO methods; with `optimizer` (the first-order reference) a ZeRO-3 training engine
+    that reduce-scatters gradients and steps each rank's partition."""
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    engine.eval()
+    if optimizer is not None:  # torch.optim.SGD is outside DeepSpeed's list of ZeRO-tested optimisers; it is ours
+        ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer)
+    engine.eval()  # no dropout, for ZO and first-order alike
     return engine
 
 
@@ -76,6 +80,7 @@ class ZeroRuntime:
         self.candidate_ids = candidate_ids
         self.device = comm.device()
         self.all_reduce_sum = comm.all_reduce_sum
+        self.world_size = comm.world_size()
 
     def shard(self, name: str, param: nn.Parameter) -> Shard:
         return zero3_shard(name, param)
@@ -97,3 +102,14 @@ class ZeroRuntime:
     @torch.no_grad()
     def forward(self, batch) -> None:
         self.logits(batch)
+
+    def loss_sum_with_grad(self, batch) -> tuple[torch.Tensor, int]:
+        batch = batch.to(self.device)
+        losses = per_example_loss(candidate_logits(self.engine, batch, self.candidate_ids), batch.labels)
+        return (losses * batch.valid.to(losses.dtype)).sum(), int(batch.valid.sum())
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def optimizer_step(self) -> None:
+        self.engine.step()

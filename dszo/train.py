@@ -93,7 +93,7 @@ def build(cfg: TrainConfig, run_seed: int):
     method = get_method(cfg.method.name)(cfg, run_seed)
     model = zero.load_model(cfg, ds_config)
     method.attach(model)
-    engine = zero.initialize(model, ds_config)
+    engine = zero.initialize(model, ds_config, method.torch_optimizer())
     rt = zero.ZeroRuntime(engine, encoder.candidate_ids)
     times["model_s"] = time.perf_counter() - tic - times["data_s"]
 

@@ -75,7 +75,7 @@ class ReferenceZOAct(_Reference):
                 return output
             if name not in self.V:
                 return output
-            b = self.B[name].detach() + self.sign * self.eps * self.z.get(name, 0.0)
+            b = self.B[name] + self.sign * self.eps * self.z.get(name, 0.0)  # a graph only under autograd
             return output + (x @ self.V[name]) @ b.T
         return hook
 
@@ -230,3 +230,45 @@ class ReferenceAGZO(_Reference):
         for n, w in self.weights.items():
             w.data.copy_(orig[n] - self.lr * g * z[n])
         return {"loss_plus": fp, "loss_minus": f0, "proj_grad": g}
+
+
+def _backprop_mean_loss(ref: _Reference, idx) -> float:
+    """Σ over examples (one unpadded example at a time) of CE / len(idx), backpropagated; returns the mean."""
+    total = 0.0
+    for i in idx:
+        logits = ref.model(input_ids=torch.tensor([ref.tokens[i]])).logits[0, -1, ref.enc.candidate_ids]
+        loss = F.cross_entropy(logits[None], torch.tensor([ref.labels[i]])) / len(idx)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+class ReferenceFirstOrderZOAct(ReferenceZOAct):
+    """Backprop into B on the exact bases; torch.optim.AdamW (weight decay 0)."""
+
+    def step(self, t: int, global_batch: int) -> dict:
+        idx = StepSampler(len(self.tokens), global_batch, self.seed).global_indices(t)
+        self.opt.zero_grad()
+        loss = _backprop_mean_loss(self, idx)
+        self.opt.step()
+        return {"loss": loss}
+
+
+class ReferenceFirstOrderFull(_Reference):
+    """Backprop into the parameters matching `patterns`; torch.optim.SGD with momentum."""
+
+    def __init__(self, model_dir, data_cfg, seed, lr, momentum, patterns):
+        import fnmatch
+
+        super().__init__(model_dir, data_cfg, seed, eps=0.0)
+        self.params = {n: p for n, p in self.model.named_parameters() if any(fnmatch.fnmatchcase(n, q) for q in patterns)}
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.opt = torch.optim.SGD(list(self.params.values()), lr=lr, momentum=momentum)
+
+    def step(self, t: int, global_batch: int) -> dict:
+        idx = StepSampler(len(self.tokens), global_batch, self.seed).global_indices(t)
+        self.opt.zero_grad()
+        loss = _backprop_mean_loss(self, idx)
+        self.opt.step()
+        return {"loss": loss}

@@ -55,13 +55,19 @@ class Runtime(Protocol):
     def forward(self, batch) -> None:
         """A forward over `batch` whose output is not needed (calibration)."""
 
+    # The first-order reference only: a differentiable loss, and the engine's backward and optimiser step.
+    def loss_sum_with_grad(self, batch) -> tuple[torch.Tensor, int]: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def optimizer_step(self) -> None: ...
+
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+    world_size: int
 
 
-class ZOMethod(ABC):
-    """A zeroth-order method. The step is shared: for each direction, the method measures two losses on
-    this rank's micro-batches, the three sums are all-reduced, the method turns them into the projected
-    gradient g and accumulates g into its update, which it applies once per step."""
+class Method(ABC):
+    """What train.py drives: attach to the model, name the trainable tensors, set up after sharding, step."""
 
     name: str = ""
     result_file: str = "trainable.safetensors"   # what train.py writes the trained tensors to
@@ -83,9 +89,24 @@ class ZOMethod(ABC):
         """Name -> parameter of fixed tensors saved with the result (e.g. ZO-Act's bases)."""
         return {}
 
+    def torch_optimizer(self):
+        """A torch optimiser for the engine to own (the first-order reference), or None: ZO methods update
+        their shards themselves and the engine stays forward-only."""
+        return None
+
     @abstractmethod
     def setup(self, rt: Runtime, calibration_batches: list) -> None:
         """After sharding: take shards, compute bases, create optimiser state."""
+
+    @abstractmethod
+    def step(self, t: int, micro_batches: list, lr: float, rt: Runtime) -> StepStats:
+        """One optimisation step at 0-based step t over this rank's micro-batches."""
+
+
+class ZOMethod(Method):
+    """A zeroth-order method. The step is shared: for each direction, the method measures two losses on
+    this rank's micro-batches, the three sums are all-reduced, the method turns them into the projected
+    gradient g and accumulates g into its update, which it applies once per step."""
 
     @abstractmethod
     def losses(self, t: int, dseed: int, batch, rt: Runtime) -> tuple[float, float, int]:
@@ -104,7 +125,6 @@ class ZOMethod(ABC):
         """Apply the accumulated update to this rank's shards."""
 
     def step(self, t: int, micro_batches: list, lr: float, rt: Runtime) -> StepStats:
-        """One optimisation step at 0-based step t over this rank's micro-batches."""
         seed, n_dir = step_seed(self.run_seed, t), self.cfg.method.num_directions
         clock, losses, grads = _Stopwatch(), [], []
         for d in range(n_dir):
@@ -168,9 +188,9 @@ def require_sgd(cfg, update: str) -> None:
                           f"(got optim: {cfg.optim})")
 
 
-REGISTRY: dict[str, type[ZOMethod]] = {}
+REGISTRY: dict[str, type[Method]] = {}
 
 
-def register(cls: type[ZOMethod]) -> type[ZOMethod]:
+def register(cls: type[Method]) -> type[Method]:
     REGISTRY[cls.name] = cls
     return cls

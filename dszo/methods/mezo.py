@@ -32,16 +32,20 @@ class MeZOConfig(MethodConfig):
             raise ConfigError("method.trainable must name at least one parameter pattern")
 
 
+def select_parameters(model: nn.Module, patterns: list[str]) -> dict[str, nn.Parameter]:
+    """Parameters whose names match any fnmatch pattern (tied tensors appear once)."""
+    params = {n: p for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+    if not params:
+        raise ValueError(f"method.trainable {patterns} matched no parameter of the model")
+    return params
+
+
 @register
 class MeZO(ZOMethod):
     name = "mezo"
 
     def attach(self, model: nn.Module) -> None:
-        patterns = self.cfg.method.trainable
-        self.params = {n: p for n, p in model.named_parameters()  # tied tensors appear once
-                       if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
-        if not self.params:
-            raise ValueError(f"method.trainable {patterns} matched no parameter of the model")
+        self.params = select_parameters(model, self.cfg.method.trainable)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return self.params

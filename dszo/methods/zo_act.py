@@ -130,10 +130,10 @@ class ZOAct(ZOMethod):
 
     def setup(self, rt: Runtime, calibration_batches: list) -> None:
         self.shards = {n: rt.shard(n, p) for n, p in self.trainable().items()}
-        self._compute_bases(rt, calibration_batches)
+        self.compute_bases(rt, calibration_batches)
         self.estimate = DenseEstimate(self.shards, self.cfg)
 
-    def _compute_bases(self, rt: Runtime, batches: list) -> None:
+    def compute_bases(self, rt: Runtime, batches: list) -> None:
         """V = top-r eigenvectors of Σ h hᵀ over the calibration data of all ranks (randomized power
         iteration on all-reduced sketches, then a Nyström step)."""
         m = self.cfg.method
