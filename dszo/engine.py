@@ -113,3 +113,17 @@ class ZeroRuntime:
 
     def optimizer_step(self) -> None:
         self.engine.step()
+
+
+class LocalRuntime(ZeroRuntime):
+    """One process, no DeepSpeed: the plain model, every element owned here, the all-reduce is the identity.
+    For tools that run a method's own code on a single machine (benchmarks/gradient_fidelity.py)."""
+
+    def __init__(self, model: nn.Module, candidate_ids: list[int], device: str = "cpu") -> None:
+        self.engine, self.candidate_ids, self.device = model, candidate_ids, torch.device(device)
+        self.all_reduce_sum = lambda t: t
+        self.world_size = 1
+
+    def shard(self, name: str, param: nn.Parameter) -> Shard:
+        return Shard(name=name, key=tensor_key(name), shape=tuple(param.shape), start=0, end=param.numel(),
+                     local=param.data.view(-1))
