@@ -28,6 +28,10 @@ class ModelConfig:
     name_or_path: str = "bundled:smollm2-135m"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # Frozen base weights as bitsandbytes 4-bit (nf4 / fp4) or 8-bit, partitioned by ZeRO-3 (dszo/quantization.py).
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # 4-bit matmul dtype
+    double_quant: bool = False                                             # 4-bit: quantize the absmax too
 
 
 @dataclass
@@ -58,6 +62,9 @@ class MethodConfig:
     # Low-rank methods apply ±eps*Z inside the layers on a doubled batch: L+ and L- from one forward
     # (one ZeRO-3 gather of the frozen weights). false: two forwards.
     functional_perturbation: bool = True
+
+    def check_model(self, model: "ModelConfig") -> None:
+        """Refuse a model set-up the method cannot train (e.g. writing into a quantized base)."""
 
     def validate(self) -> None:
         if self.zo_eps <= 0:
@@ -265,6 +272,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.ddp_timeout >= 1, "ddp_timeout must be >= 1 second")
     need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1/adam_beta2 must lie in [0, 1)")
     cfg.method.validate()
+    cfg.method.check_model(cfg.model)
     d = cfg.data
     need(len(d.candidates) == len(d.labels) >= 2,
          f"data.candidates ({len(d.candidates)}) and data.labels ({len(d.labels)}) must have the same length >= 2")

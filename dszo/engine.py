@@ -28,15 +28,21 @@ def load_model(cfg, ds_config: dict):
 
     from dszo.assets import resolve_model_path
 
+    from dszo.quantization import bnb_config, prepare_for_zero3
+
     path = resolve_model_path(cfg.model.name_or_path)
+    quant = bnb_config(cfg.model, DTYPES[cfg.model.dtype])
     hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype],
+        # A quantized model is built whole on each rank (transformers quantizes while loading) and partitioned
+        # by deepspeed.initialize; an unquantized one is partitioned at construction.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], quantization_config=quant,
                                                      trust_remote_code=cfg.model.trust_remote_code)
     except OSError as e:
         raise FileNotFoundError(f"could not load model.name_or_path={cfg.model.name_or_path!r} ({path}): {e}. "
                                 "Give a local HF model folder (config.json + safetensors) or a reachable hub name")
     del hf_ds
+    prepare_for_zero3(model)
     model.requires_grad_(False)
     model.eval()
     return model

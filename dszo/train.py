@@ -30,6 +30,7 @@ from dszo.data import DataError, EncodedSplit, PromptEncoder, StepSampler, load_
 from dszo.evaluate import evaluate  # noqa: E402
 from dszo.metrics import MetricsWriter, peak_rss_mb  # noqa: E402
 from dszo.optim import lr_at  # noqa: E402
+from dszo.quantization import quantized_bytes  # noqa: E402
 
 EXIT_CONFIG = 2
 
@@ -139,7 +140,8 @@ def train(cfg: TrainConfig) -> dict:
     metrics.log({"event": "setup", "world_size": world, "threads": torch.get_num_threads(),
                  "setup_s": time.perf_counter() - t_start, **build_times, "peak_rss_mb": peak_rss_mb(),
                  "trainable_elements_local": sum(s.local.numel() for s in method.shards.values()),
-                 "train_examples": len(train_split), "dev_examples": len(dev), "frozen_1d": method.frozen_1d})
+                 "train_examples": len(train_split), "dev_examples": len(dev), "frozen_1d": method.frozen_1d,
+                 "quantization": cfg.model.quantization, **quantized_bytes(rt.engine.module)})
     if main and method.frozen_1d:
         tqdm.write(f"[dszo] {len(method.frozen_1d)} 1-D tensors stay frozen (no functional perturbation for their "
                    f"module): {', '.join(method.frozen_1d[:5])}{' ...' if len(method.frozen_1d) > 5 else ''}")

@@ -19,8 +19,10 @@ from dszo.directions import gaussian, step_seed, tensor_key
 class _Reference:
     """A plain HF model and the run's training examples, scored one unpadded example at a time."""
 
-    def __init__(self, model_dir, data_cfg: dict, seed: int, eps: float):
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    def __init__(self, model_dir, data_cfg: dict, seed: int, eps: float, quantization=None):
+        # quantization: a transformers BitsAndBytesConfig, applied by plain from_pretrained (no DeepSpeed)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                          quantization_config=quantization).eval()
         self.model.requires_grad_(False)
         dc = DataConfig(**data_cfg)
         self.enc = PromptEncoder(AutoTokenizer.from_pretrained(model_dir), dc)
@@ -53,8 +55,8 @@ class _Reference:
 class ReferenceZOAct(_Reference):
     """W frozen; forward hooks add (Vᵀx)ᵀ(B ± εZ)ᵀ; exact eigh for V; torch.optim.Adam on B."""
 
-    def __init__(self, model_dir, data_cfg: dict, rank: int, seed: int, eps: float, lr: float):
-        super().__init__(model_dir, data_cfg, seed, eps)
+    def __init__(self, model_dir, data_cfg: dict, rank: int, seed: int, eps: float, lr: float, quantization=None):
+        super().__init__(model_dir, data_cfg, seed, eps, quantization)
         self.rank = rank
         head = self.model.get_output_embeddings()
         self.layers = {n: m for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}

@@ -20,6 +20,7 @@ from dszo.directions import gaussian, mix, tensor_key
 from dszo.methods.base import Runtime, ZOMethod, register, require_sgd
 from dszo.methods.lozo import apply_low_rank_rows, shard_rows, train_vectors
 from dszo.methods.layers import wrap_linear_layers
+from dszo.quantization import refuse
 from dszo.methods.vectors import VectorEstimate, VectorPerturbation, perturb_bias, unsupported_vectors
 from dszo.subspace import orthonormalize
 
@@ -35,6 +36,9 @@ class AGZOConfig(MethodConfig):
     power_iters: int = 3
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     train_1d: bool = True                  # also train norm scales and biases, with dense directions
+
+    def check_model(self, model) -> None:
+        refuse(self.name, model.quantization, "writes its update R Aᵀ into the base weights")
 
     def validate(self) -> None:
         super().validate()

@@ -22,6 +22,7 @@ from dszo.config import ConfigError, register_method_config
 from dszo.methods.base import Method, Runtime, StepStats, register
 from dszo.methods.mezo import select_parameters
 from dszo.methods.zo_act import ZOAct, ZOActConfig
+from dszo.quantization import refuse
 
 
 @register_method_config("first_order")
@@ -31,6 +32,10 @@ class FirstOrderConfig(ZOActConfig):
     parameterization: Literal["zo_act", "full"] = "zo_act"
     # full: fnmatch patterns over parameter names ("*" = all of them); zo_act uses rank/target_modules/...
     trainable: list[str] = field(default_factory=lambda: ["*"])
+
+    def check_model(self, model) -> None:
+        if self.parameterization == "full" and "*" in self.trainable:
+            refuse(self.name, model.quantization, "with parameterization full and trainable ['*'] updates every weight")
 
     def validate(self) -> None:
         super().validate()
@@ -53,7 +58,7 @@ class FirstOrder(Method):
             self.adapters.attach(model)
             self.params = self.adapters.trainable()
         else:
-            self.params = select_parameters(model, self.cfg.method.trainable)
+            self.params = select_parameters(model, self.cfg.method.trainable, self.name, self.cfg.model.quantization)
         for p in self.params.values():
             p.requires_grad_(True)
 

@@ -23,6 +23,7 @@ from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
 from dszo.methods.base import Runtime, Shard, ZOMethod, register, require_sgd
 from dszo.methods.layers import wrap_linear_layers
+from dszo.quantization import refuse
 from dszo.methods.vectors import VectorEstimate, VectorPerturbation, perturb_bias, unsupported_vectors, wrap_norms
 
 _V_STREAM = 0x1A2F
@@ -43,6 +44,9 @@ class LOZOConfig(MethodConfig):
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     momentum: float = 0.0              # β; > 0 keeps momentum in the small space (LOZO-M)
     train_1d: bool = True              # also train norm scales and biases, with dense directions
+
+    def check_model(self, model) -> None:
+        refuse(self.name, model.quantization, "writes its low-rank update U Vᵀ into the base weights")
 
     def validate(self) -> None:
         super().validate()

@@ -16,6 +16,7 @@ from torch import nn
 
 from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.methods.base import DenseEstimate, Runtime, ZOMethod, register
+from dszo.quantization import is_quantized, refuse
 
 
 @register_method_config("mezo")
@@ -26,17 +27,25 @@ class MeZOConfig(MethodConfig):
     # Which parameters are trained: fnmatch patterns over parameter names ("*" = all of them).
     trainable: list[str] = field(default_factory=lambda: ["*"])
 
+    def check_model(self, model) -> None:
+        if "*" in self.trainable:   # all parameters: certainly the quantized linear weights (others: at attach)
+            refuse(self.name, model.quantization, "with method.trainable ['*'] writes into every weight")
+
     def validate(self) -> None:
         super().validate()
         if not self.trainable:
             raise ConfigError("method.trainable must name at least one parameter pattern")
 
 
-def select_parameters(model: nn.Module, patterns: list[str]) -> dict[str, nn.Parameter]:
-    """Parameters whose names match any fnmatch pattern (tied tensors appear once)."""
+def select_parameters(model: nn.Module, patterns: list[str], method: str, quantization: str) -> dict[str, nn.Parameter]:
+    """Parameters whose names match any fnmatch pattern (tied tensors appear once); quantized ones refused."""
     params = {n: p for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
     if not params:
         raise ValueError(f"method.trainable {patterns} matched no parameter of the model")
+    quantized = [n for n, p in params.items() if is_quantized(p)]
+    if quantized:
+        refuse(method, quantization, f"would write into {len(quantized)} quantized tensors matched by method.trainable "
+                                     f"{patterns} (e.g. {quantized[0]})")
     return params
 
 
@@ -45,7 +54,7 @@ class MeZO(ZOMethod):
     name = "mezo"
 
     def attach(self, model: nn.Module) -> None:
-        self.params = select_parameters(model, self.cfg.method.trainable)
+        self.params = select_parameters(model, self.cfg.method.trainable, self.name, self.cfg.model.quantization)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return self.params
