@@ -29,6 +29,7 @@ from benchmarks.common import environment, peak_rss_mb, reset_peak_rss  # noqa: 
 from dszo import comm  # noqa: E402
 from dszo.config import load_config, parse_overrides  # noqa: E402
 from dszo.data import StepSampler  # noqa: E402
+from dszo.quantization import quantized_bytes  # noqa: E402
 from dszo.train import _fix_glibc_mmap_threshold, build  # noqa: E402
 
 
@@ -62,7 +63,8 @@ def main():
     world, micro = comm.world_size(), cfg.per_device_train_batch_size
     sampler = StepSampler(len(train), micro * world, cfg.seed)
     batches = [train.batch(sampler.rank_micro_batches(t, comm.rank(), world, micro, 1)[0]) for t in range(a.reps + 1)]
-    res = {"setup_s": setup_s, "tokens_per_row": [int(b.attention_mask.sum(1).float().mean()) for b in batches]}
+    res = {"setup_s": setup_s, "tokens_per_row": [int(b.attention_mask.sum(1).float().mean()) for b in batches],
+           **quantized_bytes(rt.engine.module), "setup_peak_rss_mb": peak_rss_mb()}
     # Warm-up both paths (the first perturbed forward and the first update allocate their state).
     rt.forward(batches[-1].doubled())
     method.step(a.reps, [batches[-1]], cfg.learning_rate, rt)
@@ -87,6 +89,7 @@ def main():
         out = {"benchmark": "spine_step", "environment": environment(), "world_size": world,
                "threads_per_rank": torch.get_num_threads(),
                "config": {"method": dataclasses.asdict(cfg.method), "per_device_train_batch_size": micro,
+                          "quantization": cfg.model.quantization,
                           "model": cfg.model.name_or_path, "reps": a.reps},
                "summary": summary, "per_rank": per_rank}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -71,6 +72,7 @@ def prepare_model(force: bool = False) -> Path:
     """GGUF (Q4_1) -> fp32 LlamaForCausalLM saved as safetensors, once."""
     out = bundled_model_dir()
     if (out / "config.json").exists() and not force:
+        _drop_gguf_quantization_config(out / "config.json")
         print(f"[assets] bundled model already prepared: {out}")
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -90,11 +92,22 @@ def prepare_model(force: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     os.chmod(tmp, 0o755)
     dst.save_pretrained(tmp, safe_serialization=True)
+    _drop_gguf_quantization_config(tmp / "config.json")  # the saved weights are plain fp32
     tok.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a prepared model
     return out
+
+
+def _drop_gguf_quantization_config(path: Path) -> None:
+    """Folders prepared by earlier versions kept the GGUF loader's quantization_config in config.json, which
+    makes transformers refuse a BitsAndBytesConfig (model.quantization); the weights are plain fp32."""
+    cfg = json.loads(path.read_text())
+    if cfg.get("quantization_config", {}).get("quant_method") == "gguf":
+        del cfg["quantization_config"]
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
+        print(f"[assets] removed the GGUF quantization_config from {path}")
 
 
 def prebuild_ops() -> None:
