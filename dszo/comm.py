@@ -67,11 +67,23 @@ def map_launcher_env(env: Optional[dict] = None) -> dict:
     elif "PMI_RANK" in env:  # MPICH / Intel MPI
         set_ = {"RANK": env["PMI_RANK"], "WORLD_SIZE": env["PMI_SIZE"],
                 "LOCAL_RANK": env.get("MPI_LOCALRANKID", "0"), "LOCAL_WORLD_SIZE": env.get("MPI_LOCALNRANKS", "1")}
+    elif "WORLD_SIZE" not in env:  # no launcher at all: one process, which needs no agreed port
+        set_ = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port())}
     if set_:
         set_.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
         set_.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
         env.update(set_)
     return set_
+
+
+def _free_port() -> int:
+    """A port free now; two single-process runs on one machine must not both take the default 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def local_world_size() -> int:

@@ -44,3 +44,12 @@ def test_counter_counts_payload_bytes():
     wrapped = c._wrap("all_reduce", lambda t, **kw: calls.append(t))
     wrapped(torch.zeros(3, dtype=torch.float64))
     assert c.bytes["all_reduce"] == 24 and c.calls["all_reduce"] == 1 and len(calls) == 1
+
+
+def test_a_single_process_without_launcher_takes_a_free_port_not_29500():
+    a, b = {}, {}
+    comm.map_launcher_env(a)
+    comm.map_launcher_env(b)
+    assert a["RANK"] == "0" and a["WORLD_SIZE"] == "1" and a["MASTER_ADDR"] == "127.0.0.1"
+    assert a["MASTER_PORT"] != "29500" and a["MASTER_PORT"].isdigit()
+    assert comm.map_launcher_env({"MASTER_PORT": "1234"})["MASTER_PORT"] == "1234"   # a user's choice is kept

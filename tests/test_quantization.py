@@ -133,3 +133,17 @@ def test_cpu_repacking_is_turned_off_on_every_4bit_layer(tiny_model):
     assert len(layers) == 14                                 # 7 linear layers x 2 decoder layers
     assert prepare_for_zero3(model) == 14
     assert all(m.support_avx512bf16_for_cpu is False for m in layers)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_first_order_reference_trains_zo_act_coefficients_on_a_4bit_base(tiny_model, tiny_data, tmp_path):
+    """The backprop reference the refusal messages point to: gradients flow through the frozen 4-bit layers."""
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path / "fo", max_steps=4, per_device_train_batch_size=4,
+                      optim="adam", **{"model.quantization": "nf4"})
+    cfg["method"] = {"name": "first_order", "parameterization": "zo_act", "rank": 2, "num_calibration": 16,
+                     "calibration_batch_size": 4}
+    launch(cfg, 2)
+    evals = [r["eval_loss"] for r in read_metrics(tmp_path / "fo") if r.get("event") == "eval"]
+    assert evals[-1] < evals[0] - 0.01
+    assert any(float(v.abs().max()) > 0 for k, v in load_adapter(tmp_path / "fo").items() if k.endswith(".zo_B"))

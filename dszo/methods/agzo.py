@@ -20,8 +20,8 @@ from dszo.directions import gaussian, mix, tensor_key
 from dszo.methods.base import Runtime, ZOMethod, register, require_sgd
 from dszo.methods.lozo import apply_low_rank_rows, shard_rows, train_vectors
 from dszo.methods.layers import wrap_linear_layers
-from dszo.quantization import refuse
 from dszo.methods.vectors import VectorEstimate, VectorPerturbation, perturb_bias, unsupported_vectors
+from dszo.quantization import refuse
 from dszo.subspace import orthonormalize
 
 _OMEGA_STREAM = 0xA620

@@ -23,8 +23,8 @@ from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
 from dszo.methods.base import Runtime, Shard, ZOMethod, register, require_sgd
 from dszo.methods.layers import wrap_linear_layers
-from dszo.quantization import refuse
 from dszo.methods.vectors import VectorEstimate, VectorPerturbation, perturb_bias, unsupported_vectors, wrap_norms
+from dszo.quantization import refuse
 
 _V_STREAM = 0x1A2F
 
