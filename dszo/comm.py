@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 
 def _expand_slurm_nodelist(nodelist: str) -> list[str]:
-    """First host of a Slurm node list like `gpu[001-004,007],cpu01` (scontrol when available)."""
+    """The hosts of a Slurm node list like `gpu[001-004,007],cpu01` (scontrol when available)."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              timeout=10, check=True).stdout.split()
@@ -239,3 +239,12 @@ def shutdown() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":   # python -m dszo.comm hostnames 'gpu[01-04]'  (the sbatch scripts' fallback)
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "hostnames":
+        print("\n".join(_expand_slurm_nodelist(sys.argv[2])))
+    else:
+        sys.exit("usage: python -m dszo.comm hostnames NODELIST")
