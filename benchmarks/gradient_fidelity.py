@@ -52,8 +52,7 @@ def build(method: str, rank: int, eps: float):
     over = {"method": {"name": method, "zo_eps": eps, **METHODS[method]}, "optim": "sgd", "weight_decay": 0.0}
     if method != "mezo":
         over["method"]["rank"] = rank
-    cfg = load_config("configs/rotten_tomatoes_zo_act.yaml", over) if method == "zo_act" else \
-        load_config(f"configs/rotten_tomatoes_{method}.yaml", over)
+    cfg = load_config(f"configs/rotten_tomatoes_{method}.yaml", over)
     path = resolve_model_path(cfg.model.name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.requires_grad_(False)

@@ -234,26 +234,26 @@ class ReferenceAGZO(_Reference):
         return {"loss_plus": fp, "loss_minus": f0, "proj_grad": g}
 
 
-def _backprop_mean_loss(ref: _Reference, idx) -> float:
-    """Σ over examples (one unpadded example at a time) of CE / len(idx), backpropagated; returns the mean."""
+def _backprop_step(ref: _Reference, t: int, global_batch: int) -> dict:
+    """One first-order step of `ref.opt` on step t's examples: Σ CE / n backpropagated one unpadded example at
+    a time; returns the mean loss."""
+    idx = StepSampler(len(ref.tokens), global_batch, ref.seed).global_indices(t)
+    ref.opt.zero_grad()
     total = 0.0
     for i in idx:
         logits = ref.model(input_ids=torch.tensor([ref.tokens[i]])).logits[0, -1, ref.enc.candidate_ids]
         loss = F.cross_entropy(logits[None], torch.tensor([ref.labels[i]])) / len(idx)
         loss.backward()
         total += float(loss.detach())
-    return total
+    ref.opt.step()
+    return {"loss": total}
 
 
 class ReferenceFirstOrderZOAct(ReferenceZOAct):
     """Backprop into B on the exact bases; torch.optim.AdamW (weight decay 0)."""
 
     def step(self, t: int, global_batch: int) -> dict:
-        idx = StepSampler(len(self.tokens), global_batch, self.seed).global_indices(t)
-        self.opt.zero_grad()
-        loss = _backprop_mean_loss(self, idx)
-        self.opt.step()
-        return {"loss": loss}
+        return _backprop_step(self, t, global_batch)
 
 
 class ReferenceFirstOrderFull(_Reference):
@@ -269,8 +269,4 @@ class ReferenceFirstOrderFull(_Reference):
         self.opt = torch.optim.SGD(list(self.params.values()), lr=lr, momentum=momentum)
 
     def step(self, t: int, global_batch: int) -> dict:
-        idx = StepSampler(len(self.tokens), global_batch, self.seed).global_indices(t)
-        self.opt.zero_grad()
-        loss = _backprop_mean_loss(self, idx)
-        self.opt.step()
-        return {"loss": loss}
+        return _backprop_step(self, t, global_batch)

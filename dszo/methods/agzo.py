@@ -20,7 +20,7 @@ from dszo.directions import gaussian, mix, tensor_key
 from dszo.methods.base import Runtime, ZOMethod, register, require_sgd
 from dszo.methods.lozo import apply_low_rank_rows, shard_rows, train_vectors
 from dszo.methods.layers import wrap_linear_layers
-from dszo.methods.vectors import VectorEstimate, VectorPerturbation, perturb_bias, unsupported_vectors
+from dszo.methods.vectors import VectorEstimate, VectorPerturbation, perturb_bias
 from dszo.quantization import refuse
 from dszo.subspace import orthonormalize
 
@@ -80,8 +80,7 @@ class AGZO(ZOMethod):
         wrapped = wrap_linear_layers(model, self.cfg.method.target_modules,
                                      lambda name, linear: ActivationGuidedLinear(linear, f"{name}.base.weight", self))
         self.layers: dict[str, ActivationGuidedLinear] = {w.name: w for w in wrapped.values()}
-        self.vectors = train_vectors(model, self.cfg.method.train_1d, wrapped, self.vctx)
-        self.frozen_1d = unsupported_vectors(model, self.vectors) if self.cfg.method.train_1d else []
+        self.vectors, self.frozen_1d = train_vectors(model, self.cfg.method.train_1d, wrapped, self.vctx)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {**{n: layer.base.weight for n, layer in self.layers.items()}, **self.vectors}

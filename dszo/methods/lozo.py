@@ -113,14 +113,16 @@ class LowRankPerturbedLinear(nn.Module):
         return y.add_((ctx.sign * ctx.eps * h).to(y.dtype))
 
 
-def train_vectors(model: nn.Module, enabled: bool, linears: dict, vctx: VectorPerturbation) -> dict[str, nn.Parameter]:
-    """The 1-D tensors trained with dense directions: every supported norm's scale/shift and the biases of
-    the wrapped linear layers (none when `enabled` is false)."""
+def train_vectors(model: nn.Module, enabled: bool, linears: dict,
+                  vctx: VectorPerturbation) -> tuple[dict[str, nn.Parameter], list[str]]:
+    """The 1-D tensors trained with dense directions -- every supported norm's scale/shift and the biases of
+    the wrapped linear layers -- and the 1-D tensors left frozen for want of a functional perturbation
+    (none of either when `enabled` is false)."""
     if not enabled:
-        return {}
+        return {}, []
     vectors = wrap_norms(model, vctx)
     vectors.update({f"{n}.base.bias": w.base.bias for n, w in linears.items() if w.base.bias is not None})
-    return vectors
+    return vectors, unsupported_vectors(model, vectors)
 
 
 @register
@@ -136,8 +138,7 @@ class LOZO(ZOMethod):
         wrapped = wrap_linear_layers(model, self.cfg.method.target_modules, lambda name, linear: LowRankPerturbedLinear(
             linear, name, self.ctx, self.vctx))
         self.layers: dict[str, LowRankPerturbedLinear] = {f"{n}.base.weight": w for n, w in wrapped.items()}
-        self.vectors = train_vectors(model, self.cfg.method.train_1d, wrapped, self.vctx)
-        self.frozen_1d = unsupported_vectors(model, self.vectors) if self.cfg.method.train_1d else []
+        self.vectors, self.frozen_1d = train_vectors(model, self.cfg.method.train_1d, wrapped, self.vctx)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {**{n: layer.base.weight for n, layer in self.layers.items()}, **self.vectors}
