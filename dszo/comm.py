@@ -181,8 +181,17 @@ def init(timeout_s: int, count_collectives: bool = True) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
-                               timeout=timedelta(seconds=timeout_s))
+    # DeepSpeed's CPU backend also sets up a shared-memory all-reduce when LOCAL_SIZE == world size. Only
+    # inference tensor parallelism uses it, and it costs: 67 MB of /dev/shm per rank that is never unlinked
+    # (it filled a 24 GiB CI machine after ~350 runs) and a spin-wait without timeout on peers that never
+    # come. Hiding LOCAL_SIZE for the duration of the call skips it; ZeRO-3 and dszo use gloo collectives.
+    local_size = os.environ.pop("LOCAL_SIZE", None)
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
+                                   timeout=timedelta(seconds=timeout_s))
+    finally:
+        if local_size is not None:
+            os.environ["LOCAL_SIZE"] = local_size
 
 
 def is_initialized() -> bool:

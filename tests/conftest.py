@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import glob
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -108,6 +110,26 @@ def rank_env() -> dict:
     return env
 
 
+def run_group(cmd: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run in its own process group: on timeout the launcher *and its ranks* are killed (a rank
+    left spinning on 2 CI cores slows every later test to a crawl), then the timeout is raised."""
+    kwargs = {"env": rank_env(), "cwd": REPO, **kwargs}
+    with subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)  # lets sim_cluster.sh tear its namespaces down
+            try:
+                out, err = proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, err = proc.communicate()
+            raise AssertionError(f"{cmd[:3]} did not finish in {timeout} s; killed its process group\n"
+                                 f"{(out or '')[-3000:]}\n{(err or '')[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str] = (), timeout: int = 300,
            check: bool = True) -> subprocess.CompletedProcess:
     out = Path(cfg["output_dir"])
@@ -128,7 +150,10 @@ def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str
         cmd = [sys.executable, *script]
     else:
         raise ValueError(launcher)
-    proc = subprocess.run(cmd, env=rank_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = run_group(cmd, timeout=timeout)
+    # Nothing a run set up may outlive it in /dev/shm (DeepSpeed's CPU all-reduce buffers did: 67 MB per rank).
+    leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    assert not leaked, f"run left shared-memory segments behind: {leaked}"
     if check and proc.returncode != 0:
         raise AssertionError(f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     if check:  # a gloo rank that exits without barrier + destroy can abort with this at exit

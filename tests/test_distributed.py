@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, launch, load_adapter, rank_env, read_metrics, step_records, tiny_config
+from conftest import REPO, launch, load_adapter, read_metrics, run_group, step_records, tiny_config
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
@@ -77,9 +77,8 @@ def test_I1_two_nodes_in_network_namespaces_equal_one_rank(runs, tiny_model, tin
                       per_device_train_batch_size=GLOBAL_BATCH // 2)
     cfg_path = tmp_path / "n2.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(["bash", str(REPO / "launch" / "sim_cluster.sh"), "2", "1", "dszo/train.py",
-                           "--config", str(cfg_path)], env=rank_env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_group(["bash", str(REPO / "launch" / "sim_cluster.sh"), "2", "1", "dszo/train.py",
+                      "--config", str(cfg_path)], timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     setup = next(r for r in read_metrics(tmp_path / "n2") if r.get("event") == "setup")
     assert setup["world_size"] == 2

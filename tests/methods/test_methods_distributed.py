@@ -2,14 +2,13 @@
 plain-PyTorch computation of the method's math, tests/reference.py)."""
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, launch, rank_env, read_metrics, step_records, tiny_config
+from conftest import REPO, launch, read_metrics, run_group, step_records, tiny_config
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
@@ -70,8 +69,8 @@ def test_I1_two_nodes_equal_one_rank(method_runs, tiny_model, tiny_data, tmp_pat
     method, runs = method_runs
     cfg_path = tmp_path / "n2.yaml"
     cfg_path.write_text(yaml.safe_dump(_cfg(tiny_model, tiny_data, tmp_path / "n2", method, 2)))
-    proc = subprocess.run(["bash", str(REPO / "launch" / "sim_cluster.sh"), "2", "1", "dszo/train.py", "--config",
-                           str(cfg_path)], env=rank_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_group(["bash", str(REPO / "launch" / "sim_cluster.sh"), "2", "1", "dszo/train.py", "--config",
+                      str(cfg_path)], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     _close(runs["r1"], tmp_path / "n2")
 
