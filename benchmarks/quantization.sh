@@ -5,17 +5,20 @@
 # -> benchmarks/results/quantization.json (+ a table on stdout). Run alone on the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${STEPS:-60}
+STEPS=${STEPS:-40}
 KINDS=${KINDS:-"none int8 nf4 fp4"}
 mkdir -p runs/quant
 export HF_HUB_OFFLINE=1
 for q in $KINDS; do
   for n in 1 2; do
+    # A rerun keeps what an earlier (partial) run measured; delete runs/quant to measure again.
+    if [ -f "runs/quant/step_${q}_r$n.json" ]; then continue; fi
     echo "[quantization] $q: step on $n rank(s)" >&2
     .venv/bin/deepspeed --num_gpus "$n" benchmarks/spine_step.py --config configs/rotten_tomatoes_zo_act.yaml \
       --reps "${REPS:-4}" --out "runs/quant/step_${q}_r$n.json" --model.quantization "$q" \
       > "runs/quant/step_${q}_r$n.log" 2>&1
   done
+  if [ -f "runs/quant/train_$q/results.json" ]; then continue; fi
   echo "[quantization] $q: $STEPS training steps" >&2
   .venv/bin/python dszo/train.py --config configs/rotten_tomatoes_zo_act.yaml --model.quantization "$q" \
     --max_steps "$STEPS" --output_dir "runs/quant/train_$q" --overwrite_output_dir true --disable_tqdm true \
