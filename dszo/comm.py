@@ -123,6 +123,10 @@ class CommCounter:
     def __init__(self) -> None:
         self.bytes: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
+        # Bytes by reach: collectives whose group lies inside one node vs groups spanning several nodes.
+        self.reach: dict[str, int] = defaultdict(int)
+        self.node_of: Optional[list] = None  # node key of every rank (node_partition sets it)
+        self._spans: dict[int, bool] = {}
         self._orig: dict = {}
 
     @staticmethod
@@ -145,20 +149,32 @@ class CommCounter:
     def _wrap(self, name, fn):
         def counted(*args, **kwargs):
             first = args[0] if args else next(iter(kwargs.values()), None)
+            n = self._nbytes(first)
             self.calls[name] += 1
-            self.bytes[name] += self._nbytes(first)
+            self.bytes[name] += n
+            group = kwargs.get("group") or next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
+            self.reach["spans_nodes" if self._spans_nodes(group) else "within_node"] += n
             return fn(*args, **kwargs)
 
         counted.__wrapped__ = fn
         return counted
 
+    def _spans_nodes(self, group) -> bool:
+        if self.node_of is None or len(set(self.node_of)) == 1:
+            return False
+        if group is None or group is dist.group.WORLD:
+            return True
+        if id(group) not in self._spans:
+            self._spans[id(group)] = len({self.node_of[r] for r in dist.get_process_group_ranks(group)}) > 1
+        return self._spans[id(group)]
+
     def snapshot(self) -> dict:
-        return {"bytes": dict(self.bytes), "calls": dict(self.calls)}
+        return {"bytes": dict(self.bytes), "calls": dict(self.calls), "reach": dict(self.reach)}
 
     @staticmethod
     def delta(before: dict, after: dict) -> dict:
         return {kind: {k: v - before[kind].get(k, 0) for k, v in after[kind].items() if v - before[kind].get(k, 0)}
-                for kind in ("bytes", "calls")}
+                for kind in ("bytes", "calls", "reach")}
 
 
 COUNTER: Optional[CommCounter] = None
@@ -239,6 +255,65 @@ def all_max_int(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def node_key() -> str:
+    """What names this rank's node. The simulated cluster's nodes share one hostname, so the launcher-given node
+    identity comes first (sim_cluster.sh: DSZO_NODE_ADDR; deepspeed: CROSS_RANK; torchrun: GROUP_RANK; Slurm)."""
+    for k in ("DSZO_NODE_ADDR", "CROSS_RANK", "GROUP_RANK", "SLURM_NODEID"):
+        if os.environ.get(k):
+            return f"{k}={os.environ[k]}"
+    import socket
+
+    return socket.gethostname()
+
+
+class PartitionGroup:
+    """The `mpu` DeepSpeed takes: its data-parallel group is the ZeRO-3 partition group (the ranks of this node).
+    Model parallelism is absent (size 1). dszo's own collectives keep using the world group."""
+
+    def __init__(self, group, ranks: list[int], num_nodes: int) -> None:
+        self.group, self.ranks, self.num_nodes = group, ranks, num_nodes
+
+    def get_data_parallel_group(self):
+        return self.group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return self.ranks
+
+    def get_data_parallel_world_size(self) -> int:
+        return len(self.ranks)
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ranks.index(rank())
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+
+def node_partition(timeout_s: int, per_node: bool = True) -> tuple[Optional[PartitionGroup], int]:
+    """(this node's partition group, number of nodes); the group is None on a single node (it is the world) or
+    without `per_node`. Collective: every rank learns every rank's node (the byte counter sorts collectives by
+    reach with it) and creates every node's group, in the same order."""
+    if world_size() == 1:
+        return None, 1
+    keys: list = [None] * world_size()
+    dist.all_gather_object(keys, node_key())
+    nodes = list(dict.fromkeys(keys))  # in order of first rank
+    if COUNTER is not None:
+        COUNTER.node_of = keys
+    if len(nodes) == 1 or not per_node:
+        return None, len(nodes)
+    mine = None
+    for key in nodes:
+        ranks = [r for r, k in enumerate(keys) if k == key]
+        group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+        if rank() in ranks:
+            mine = PartitionGroup(group, ranks, len(nodes))
+    return mine, len(nodes)
 
 
 def shutdown() -> None:

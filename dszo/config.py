@@ -119,6 +119,10 @@ class TrainConfig:
     save_steps: int = 0               # 0: save the trained coefficients only at the end
     eval_before_training: bool = True
     ddp_timeout: int = 600            # seconds; every collective fails after this instead of hanging
+    # ZeRO-3 partition group of the frozen base and the trainable tensors. node: each node holds one sharded copy
+    # and parameter gathers stay inside the node (only dszo's scalars cross nodes); world: one copy over all ranks
+    # (for a model that does not fit in one node). auto: node for ZO methods on several nodes, else world.
+    partition: Literal["auto", "world", "node"] = "auto"
     disable_tqdm: bool = False
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl, tensorboard
     log_comm_bytes: bool = True       # count bytes of every collective (cheap) and log them per step
@@ -271,6 +275,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
     need(cfg.ddp_timeout >= 1, "ddp_timeout must be >= 1 second")
     need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1/adam_beta2 must lie in [0, 1)")
+    need(not (cfg.partition == "node" and cfg.method.name == "first_order"),
+         "partition: node cannot train first_order: its gradients must be reduced across every rank of every node, "
+         "which a per-node ZeRO-3 group does not do; use partition: world (or auto)")
     cfg.method.validate()
     cfg.method.check_model(cfg.model)
     d = cfg.data

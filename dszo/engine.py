@@ -21,8 +21,12 @@ from dszo.scoring import candidate_logits, per_example_loss
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(cfg, ds_config: dict):
-    """from_pretrained under HfDeepSpeedConfig: each rank materialises only its partition of the weights."""
+def load_model(cfg, ds_config: dict, partition=None):
+    """from_pretrained under HfDeepSpeedConfig: each rank materialises only its partition of the weights.
+
+    With a per-node `partition` (comm.PartitionGroup) the model is built whole on each rank and partitioned among
+    the node's ranks by deepspeed.initialize: transformers' ZeRO-3 loader reads the checkpoint on global rank 0
+    only and broadcasts within each parameter's group, so every node but the first would get no weights."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -32,7 +36,8 @@ def load_model(cfg, ds_config: dict):
 
     path = resolve_model_path(cfg.model.name_or_path)
     quant = bnb_config(cfg.model, DTYPES[cfg.model.dtype])
-    hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built
+    # must stay alive while the model is built
+    hf_ds = HfDeepSpeedConfig(ds_config) if partition is None else None
     try:
         # A quantized model is built whole on each rank (transformers quantizes while loading) and partitioned
         # by deepspeed.initialize; an unquantized one is partitioned at construction.
@@ -48,14 +53,16 @@ def load_model(cfg, ds_config: dict):
     return model
 
 
-def initialize(model: nn.Module, ds_config: dict, optimizer=None):
+def initialize(model: nn.Module, ds_config: dict, optimizer=None, partition=None):
     """Forward-only for the ZO methods; with `optimizer` (the first-order reference) a ZeRO-3 training engine
-    that reduce-scatters gradients and steps each rank's partition."""
+    that reduce-scatters gradients and steps each rank's partition. `partition` (comm.PartitionGroup) is handed
+    to DeepSpeed as its mpu: the engine's partition group becomes the node's ranks."""
     import deepspeed
+
 
     if optimizer is not None:  # torch.optim.SGD is outside DeepSpeed's list of ZeRO-tested optimisers; it is ours
         ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer, mpu=partition)
     engine.eval()  # no dropout, for ZO and first-order alike
     return engine
 

@@ -91,10 +91,18 @@ def build(cfg: TrainConfig, run_seed: int):
 
     times["data_s"] = time.perf_counter() - tic
     ds_config = load_ds_config(cfg.deepspeed, cfg, comm.world_size())
+    partition, num_nodes = comm.node_partition(
+        cfg.ddp_timeout, per_node=cfg.partition != "world" and cfg.method.name != "first_order")
+    if partition is not None:
+        # DeepSpeed checks train_batch_size against its data-parallel size, here the node's ranks, not the world;
+        # without the key it derives its own from micro batch x accumulation (dszo's sampler uses the world).
+        ds_config.pop("train_batch_size")
+    times["partition"] = {"mode": "node" if partition else "world", "num_nodes": num_nodes,
+                          "group_size": partition.get_data_parallel_world_size() if partition else comm.world_size()}
     method = get_method(cfg.method.name)(cfg, run_seed)
-    model = zero.load_model(cfg, ds_config)
+    model = zero.load_model(cfg, ds_config, partition)
     method.attach(model)
-    engine = zero.initialize(model, ds_config, method.torch_optimizer())
+    engine = zero.initialize(model, ds_config, method.torch_optimizer(), partition)
     rt = zero.ZeroRuntime(engine, encoder.candidate_ids)
     times["model_s"] = time.perf_counter() - tic - times["data_s"]
 
