@@ -179,6 +179,7 @@ def train(cfg: TrainConfig) -> dict:
             rec = {"step": t + 1, "loss": 0.5 * (stats.loss_plus + stats.loss_minus), "loss_plus": stats.loss_plus,
                    "loss_minus": stats.loss_minus, "proj_grad": stats.proj_grad, "proj_grads": stats.proj_grads,
                    "lr": lr, "num_examples": stats.num_examples, "step_s": step_times[-1],
+                   "tokens_local": int(sum(int(b.token_mask().sum()) for b in batches)),
                    **{f"{k}_s": v for k, v in stats.timings.items()}}
             if counter:
                 rec["comm"] = comm.CommCounter.delta(snap, counter.snapshot())
