@@ -35,7 +35,7 @@ def run_one(args, nodes: int, rpn: int, out: Path) -> dict:
     over = ["--max_steps", str(args.steps), "--output_dir", str(out), "--overwrite_output_dir", "true",
             "--per_device_train_batch_size", str(per_rank), "--logging_steps", "1", "--eval_before_training",
             "false", "--disable_tqdm", "true", "--data.dev_size", str(args.dev_size), "--partition", args.partition]
-    script = ["dszo/train.py", "--config", args.config, *over]
+    script = ["dszo/train.py", "--config", args.config, *over, *args.train_args.split()]
     bindir = Path(sys.executable).parent
     if nodes == 1:
         cmd = [str(bindir / "deepspeed"), "--num_gpus", str(rpn), *script]
@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dev-size", type=int, default=16, help="the run's final evaluation is not what is timed")
+    ap.add_argument("--train-args", default="", help='more train.py overrides, e.g. "--model.quantization none"')
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--out", default="benchmarks/results/scaling")
     args = ap.parse_args()
