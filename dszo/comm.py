@@ -272,8 +272,8 @@ class PartitionGroup:
     """The `mpu` DeepSpeed takes: its data-parallel group is the ZeRO-3 partition group (the ranks of this node).
     Model parallelism is absent (size 1). dszo's own collectives keep using the world group."""
 
-    def __init__(self, group, ranks: list[int], num_nodes: int) -> None:
-        self.group, self.ranks, self.num_nodes = group, ranks, num_nodes
+    def __init__(self, group, ranks: list[int]) -> None:
+        self.group, self.ranks = group, ranks
 
     def get_data_parallel_group(self):
         return self.group
@@ -312,7 +312,7 @@ def node_partition(timeout_s: int, per_node: bool = True) -> tuple[Optional[Part
         ranks = [r for r, k in enumerate(keys) if k == key]
         group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
         if rank() in ranks:
-            mine = PartitionGroup(group, ranks, len(nodes))
+            mine = PartitionGroup(group, ranks)
     return mine, len(nodes)
 
 

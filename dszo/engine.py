@@ -36,8 +36,7 @@ def load_model(cfg, ds_config: dict, partition=None):
 
     path = resolve_model_path(cfg.model.name_or_path)
     quant = bnb_config(cfg.model, DTYPES[cfg.model.dtype])
-    # must stay alive while the model is built
-    hf_ds = HfDeepSpeedConfig(ds_config) if partition is None else None
+    hf_ds = HfDeepSpeedConfig(ds_config) if partition is None else None  # must outlive the model's build
     try:
         # A quantized model is built whole on each rank (transformers quantizes while loading) and partitioned
         # by deepspeed.initialize; an unquantized one is partitioned at construction.
@@ -58,7 +57,6 @@ def initialize(model: nn.Module, ds_config: dict, optimizer=None, partition=None
     that reduce-scatters gradients and steps each rank's partition. `partition` (comm.PartitionGroup) is handed
     to DeepSpeed as its mpu: the engine's partition group becomes the node's ranks."""
     import deepspeed
-
 
     if optimizer is not None:  # torch.optim.SGD is outside DeepSpeed's list of ZeRO-tested optimisers; it is ours
         ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
