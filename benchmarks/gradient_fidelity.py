@@ -33,10 +33,11 @@ import torch  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from dszo.assets import resolve_model_path  # noqa: E402
 from dszo.config import load_config  # noqa: E402
-from dszo.data import EncodedSplit, PromptEncoder, StepSampler, load_examples, split  # noqa: E402
+from dszo.data import EncodedSplit, PromptEncoder, StepSampler  # noqa: E402
 from dszo.engine import LocalRuntime  # noqa: E402
 from dszo.methods import get_method  # noqa: E402
-from dszo.scoring import candidate_logits, per_example_loss  # noqa: E402
+from dszo.scoring import Scorer  # noqa: E402
+from dszo.tasks import get_task, load_splits  # noqa: E402
 
 METHODS = {  # the options that make one step with lr 1 return exactly the estimate
     "mezo": {},
@@ -56,12 +57,12 @@ def build(method: str, rank: int, eps: float):
     path = resolve_model_path(cfg.model.name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.requires_grad_(False)
-    enc = PromptEncoder(AutoTokenizer.from_pretrained(path), cfg.data)
-    parts = split(load_examples(cfg.data), cfg.data.dev_size, cfg.data.test_size, cfg.data.split_seed)
-    train = EncodedSplit(enc, parts["train"])
+    task = get_task(cfg.data)
+    enc = PromptEncoder(AutoTokenizer.from_pretrained(path), task, cfg.data)
+    train = EncodedSplit(enc, load_splits(cfg.data, task)["train"])
     m = get_method(method)(cfg, run_seed=cfg.seed)
     m.attach(model)
-    rt = LocalRuntime(model, enc.candidate_ids)
+    rt = LocalRuntime(model, Scorer(enc.candidate_ids))
     sampler = StepSampler(len(train), 16, cfg.seed)
     batch = train.batch(sampler.global_indices(0))
     calib = [train.batch(ix) for ix in _chunks(StepSampler(len(train), 64, cfg.seed).global_indices(0), 16)]
@@ -77,7 +78,7 @@ def backprop(model, rt, batch, params: dict) -> dict:
     for p in params.values():
         p.requires_grad_(True)
         p.grad = None
-    loss = per_example_loss(candidate_logits(model, batch, rt.candidate_ids), batch.labels).mean()
+    loss = rt.scorer.losses(model, batch).mean()
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in params.items()}
     for p in params.values():

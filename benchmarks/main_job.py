@@ -24,14 +24,15 @@ def zero_shot_accuracy(cfg) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dszo.assets import resolve_model_path
-    from dszo.data import EncodedSplit, PromptEncoder, load_examples, split
+    from dszo.data import EncodedSplit, PromptEncoder
     from dszo.scoring import candidate_logits
+    from dszo.tasks import get_task, load_splits
 
     path = resolve_model_path(cfg.model.name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    enc = PromptEncoder(AutoTokenizer.from_pretrained(path), cfg.data)
-    dev = EncodedSplit(enc, split(load_examples(cfg.data), cfg.data.dev_size, cfg.data.test_size,
-                                  cfg.data.split_seed)["dev"])
+    task = get_task(cfg.data)
+    enc = PromptEncoder(AutoTokenizer.from_pretrained(path), task, cfg.data)
+    dev = EncodedSplit(enc, load_splits(cfg.data, task)["dev"], "eval")
     tic, correct = time.perf_counter(), 0
     with torch.no_grad():
         for b in dev.rank_batches(list(range(len(dev))), 0, 1, 32):

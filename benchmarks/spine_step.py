@@ -58,7 +58,7 @@ def main():
     cfg = load_config(a.config, over)
     comm.init(cfg.ddp_timeout)
     tic = time.perf_counter()
-    train, dev, method, rt, _ = build(cfg, cfg.seed)
+    _, train, method, rt, _ = build(cfg, cfg.seed)
     setup_s = time.perf_counter() - tic
     world, micro = comm.world_size(), cfg.per_device_train_batch_size
     sampler = StepSampler(len(train), micro * world, cfg.seed)

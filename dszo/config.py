@@ -36,20 +36,36 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # `rotten_tomatoes` is the bundled offline task; `jsonl` / `csv` read `path`.
-    task: Literal["rotten_tomatoes", "jsonl", "csv"] = "rotten_tomatoes"
+    """The task, where its rows come from, how examples are sampled, scored and prompted (dszo/tasks/)."""
+    # rotten_tomatoes (bundled, offline) | sst2 rte cb boolq wsc wic multirc copa record squad drop |
+    # custom (also: jsonl, csv) -- a template and answers given here.
+    task: str = "rotten_tomatoes"
+    # A data file (.jsonl/.json/.csv/.parquet), a folder of split files, or a datasets save_to_disk folder;
+    # empty: a benchmark task loads its HF dataset by name where a hub is reachable.
     path: Optional[str] = None
-    text_field: str = "sentence"
-    label_field: str = "label"
-    # Label values in class order (strings as they appear in the file; integers index this list).
-    labels: list[str] = field(default_factory=lambda: ["rotten", "fresh"])
-    # One answer per class, scored as the next token after the rendered template.
-    candidates: list[str] = field(default_factory=lambda: [" terrible", " great"])
+    # Custom tasks: the prompt (str.format over the row's fields), the label values in class order and one
+    # answer per class, appended to the prompt; or per-row answers from `choices_field` (a list).
     template: str = "{sentence} It was"
+    label_field: str = "label"
+    labels: list[str] = field(default_factory=lambda: ["rotten", "fresh"])
+    candidates: list[str] = field(default_factory=lambda: [" terrible", " great"])
+    choices_field: Optional[str] = None
+    # Sampling: one file is split into dev / test / train; split folders follow MeZO (test from validation,
+    # dev and train from train). train_size 0 = every remaining training example.
+    train_size: int = 0
     dev_size: int = 300
     test_size: int = 1000
     split_seed: int = 0
-    max_length: int = 128
+    max_length: int = 128               # tokens per row; longer prompts lose their beginning
+    # Training loss: classification = cross-entropy over the candidates' scores (MeZO's train_as_classification);
+    # lm = negative log-likelihood of the right answer's tokens (the only one for generation tasks).
+    loss: Literal["classification", "lm"] = "classification"
+    # Evaluation score of a candidate: mean token log-prob, sum, or calibrated (minus its log-prob after the
+    # task's content-free prompt).
+    scoring: Literal["mean", "sum", "calibrated"] = "mean"
+    num_demos: int = 0                  # in-context demonstrations (from the train split) in evaluation prompts
+    max_new_tokens: int = 50            # generation tasks: greedy decoding length and stop strings
+    stop: list[str] = field(default_factory=lambda: ["\n"])
 
 
 @dataclass
@@ -118,6 +134,7 @@ class TrainConfig:
     eval_steps: int = 0               # 0: evaluate only before and after training
     save_steps: int = 0               # 0: save the trained coefficients only at the end
     eval_before_training: bool = True
+    do_predict: bool = False          # also evaluate the test split at the end (results.json: test_*)
     ddp_timeout: int = 600            # seconds; every collective fails after this instead of hanging
     # ZeRO-3 partition group of the frozen base and the trainable tensors. node: each node holds one sharded copy
     # and parameter gathers stay inside the node (only dszo's scalars cross nodes); world: one copy over all ranks
@@ -281,9 +298,26 @@ def validate(cfg: TrainConfig) -> None:
     cfg.method.validate()
     cfg.method.check_model(cfg.model)
     d = cfg.data
-    need(len(d.candidates) == len(d.labels) >= 2,
-         f"data.candidates ({len(d.candidates)}) and data.labels ({len(d.labels)}) must have the same length >= 2")
-    need(d.task == "rotten_tomatoes" or d.path, f"data.task '{d.task}' needs data.path (a {d.task} file)")
+    from dszo.tasks import REGISTRY
+
+    need(d.task in REGISTRY, f"unknown data.task {d.task!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    task = REGISTRY[d.task]
+    custom = d.task in ("custom", "jsonl", "csv", "rotten_tomatoes")
+    if custom:
+        need(d.choices_field or len(d.candidates) == len(d.labels) >= 2,
+             f"data.candidates ({len(d.candidates)}) and data.labels ({len(d.labels)}) must have the same length >= 2")
+        need(d.task == "rotten_tomatoes" or d.path, f"data.task '{d.task}' needs data.path (a data file or folder)")
+    else:
+        defaults = DataConfig()
+        for key in ("template", "labels", "candidates", "choices_field"):
+            need(getattr(d, key) == getattr(defaults, key),
+                 f"data.{key} is for custom tasks; task {d.task} uses the MeZO paper's prompt and answers "
+                 f"(dszo/tasks/); for your own prompt use task: custom")
+    need(not (task.kind == "generation" and d.loss != "lm"),
+         f"task {d.task} is a generation task: train it with data.loss: lm (the answer tokens' likelihood)")
+    for key in ("train_size", "dev_size", "test_size", "num_demos"):
+        need(getattr(d, key) >= 0, f"data.{key} must be >= 0, got {getattr(d, key)}")
+    need(d.max_length >= 8 and d.max_new_tokens >= 1, "data.max_length must be >= 8 and data.max_new_tokens >= 1")
     for r in cfg.report_to:
         need(r in ("jsonl", "tensorboard"), f"report_to: unknown reporter {r!r} (jsonl, tensorboard)")
 

@@ -16,7 +16,7 @@ from torch import nn
 from dszo import comm
 from dszo.directions import tensor_key
 from dszo.methods.base import Shard
-from dszo.scoring import candidate_logits, per_example_loss
+from dszo.scoring import Scorer, greedy_generate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,9 +86,9 @@ def gather_full(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
 class ZeroRuntime:
     """What a ZO method may use: shards, losses, forwards and the scalar all-reduce."""
 
-    def __init__(self, engine, candidate_ids: list[int]) -> None:
+    def __init__(self, engine, scorer: Scorer) -> None:
         self.engine = engine
-        self.candidate_ids = candidate_ids
+        self.scorer = scorer
         self.device = comm.device()
         self.all_reduce_sum = comm.all_reduce_sum
         self.world_size = comm.world_size()
@@ -97,26 +97,32 @@ class ZeroRuntime:
         return zero3_shard(name, param)
 
     @torch.no_grad()
-    def logits(self, batch) -> torch.Tensor:
-        return candidate_logits(self.engine, batch.to(self.device), self.candidate_ids)
+    def scores(self, batch) -> torch.Tensor:
+        """[examples, candidates] scores under the evaluation rule."""
+        return self.scorer.scores(self.engine, batch.to(self.device))
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens: int, finished) -> list[list[int]]:
+        agree = lambda local: bool(self.all_reduce_sum(torch.tensor([0.0 if local else 1.0]))[0] == 0)  # noqa: E731
+        return greedy_generate(self.engine, batch.to(self.device), max_new_tokens, finished, agree)
 
     @torch.no_grad()
     def loss_sums(self, batch, doubled: bool) -> tuple[float, float, int]:
         rows = batch.doubled() if doubled else batch
-        losses = per_example_loss(self.logits(rows), rows.labels.to(self.device)).double().cpu()
+        losses = self.scorer.losses(self.engine, rows.to(self.device)).double().cpu()
         valid = rows.valid.double()
-        b = batch.labels.shape[0]
+        b = batch.num_examples
         first = float((losses[:b] * valid[:b]).sum())
         second = float((losses[b:] * valid[b:]).sum()) if doubled else 0.0
         return first, second, int(batch.valid.sum())
 
     @torch.no_grad()
     def forward(self, batch) -> None:
-        self.logits(batch)
+        self.scorer.losses(self.engine, batch.to(self.device))
 
     def loss_sum_with_grad(self, batch) -> tuple[torch.Tensor, int]:
         batch = batch.to(self.device)
-        losses = per_example_loss(candidate_logits(self.engine, batch, self.candidate_ids), batch.labels)
+        losses = self.scorer.losses(self.engine, batch)
         return (losses * batch.valid.to(losses.dtype)).sum(), int(batch.valid.sum())
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -130,8 +136,8 @@ class LocalRuntime(ZeroRuntime):
     """One process, no DeepSpeed: the plain model, every element owned here, the all-reduce is the identity.
     For tools that run a method's own code on a single machine (benchmarks/gradient_fidelity.py)."""
 
-    def __init__(self, model: nn.Module, candidate_ids: list[int], device: str = "cpu") -> None:
-        self.engine, self.candidate_ids, self.device = model, candidate_ids, torch.device(device)
+    def __init__(self, model: nn.Module, scorer: Scorer, device: str = "cpu") -> None:
+        self.engine, self.scorer, self.device = model, scorer, torch.device(device)
         self.all_reduce_sum = lambda t: t
         self.world_size = 1
 

@@ -1,21 +1,92 @@
-"""Held-out evaluation, sharded across ranks: each rank scores its part, only counts are all-reduced."""
+"""Held-out evaluation, sharded across ranks: each rank scores its part, only sums are all-reduced.
+
+Candidate tasks report accuracy and the cross-entropy over the candidate scores under `data.scoring`
+(mean / sum / calibrated); generation tasks (SQuAD, DROP) decode greedily until a stop string
+(`data.stop`, default a newline) or `data.max_new_tokens`, and report F1 and exact match.
+
+Without training -- a base model (zero-shot, or in-context with `--data.num_demos k`) or a finished run folder:
+
+    deepspeed --num_gpus 2 dszo/evaluate.py --config configs/rotten_tomatoes_zo_act.yaml [--split test]
+    deepspeed --num_gpus 2 dszo/evaluate.py --run runs/rotten_tomatoes_zo_act [--split test]
+
+Results go to <output_dir>/eval_<split>.json (with --run: into the run folder) and to the console.
+"""
 from __future__ import annotations
 
-import torch
+import sys
+import time
+from pathlib import Path
 
-from dszo import comm
-from dszo.scoring import per_example_loss
+if __package__ in (None, ""):  # run as a script by a launcher: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from dszo import comm  # noqa: E402
+from dszo.scoring import per_example_loss  # noqa: E402
+from dszo.tasks.metrics import exact_match, f1_score  # noqa: E402
 
 
-def evaluate(rt, split, batch_size: int) -> dict:
-    """Accuracy and mean candidate cross-entropy of `split` (an EncodedSplit) under the current model."""
+def evaluate(rt, split, batch_size: int, gen=None) -> dict:
+    """Metrics of `split` (an EncodedSplit for evaluation) under the current model. `gen` (a Generation) is
+    needed for generation tasks."""
+    t0 = time.perf_counter()
     batches = split.rank_batches(list(range(len(split))), comm.rank(), comm.world_size(), batch_size)
-    totals = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, n
+    totals = torch.zeros(3, dtype=torch.float64)  # correct (or EM), loss (or F1) sum, n
     for batch in batches:
-        logits = rt.logits(batch).cpu()
         valid = batch.valid.double()
-        totals[0] += float(((logits.argmax(-1) == batch.labels).double() * valid).sum())
-        totals[1] += float((per_example_loss(logits, batch.labels).double() * valid).sum())
+        if gen is not None:
+            texts = gen.decode(rt.generate(batch, gen.max_new_tokens, gen.finished))
+            for text, answers, ok in zip(texts, batch.answers, batch.valid.tolist()):
+                if ok:
+                    totals += torch.tensor([exact_match(text, answers), f1_score(text, answers), 1.0], dtype=torch.float64)
+            continue
+        scores = rt.scores(batch).cpu()
+        totals[0] += float(((scores.argmax(-1) == batch.labels).double() * valid).sum())
+        totals[1] += float((per_example_loss(scores, batch.labels).double() * valid).sum())
         totals[2] += float(valid.sum())
-    correct, loss, n = rt.all_reduce_sum(totals).tolist()
-    return {"accuracy": correct / n, "loss": loss / n, "num_examples": int(n)}
+    a, b, n = rt.all_reduce_sum(totals).tolist()
+    n = max(n, 1.0)
+    res = {"exact_match": a / n, "f1": b / n} if gen is not None else {"accuracy": a / n, "loss": b / n}
+    return {**res, "num_examples": int(n), "eval_s": time.perf_counter() - t0}
+
+
+class Generation:
+    """Greedy decoding settings and the stop test: a stop string in the decoded text, or EOS."""
+
+    def __init__(self, tokenizer, max_new_tokens: int, stop: list[str]) -> None:
+        self.tok, self.max_new_tokens, self.stop = tokenizer, max_new_tokens, stop
+        self.eos = tokenizer.eos_token_id
+
+    def finished(self, tokens: list[int]) -> bool:
+        if self.eos is not None and tokens[-1] == self.eos:
+            return True
+        text = self.tok.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in self.stop)
+
+    def decode(self, rows: list[list[int]]) -> list[str]:
+        out = []
+        for tokens in rows:
+            text = self.tok.decode(tokens, skip_special_tokens=True)
+            for s in self.stop:
+                text = text.split(s)[0]
+            out.append(text.strip())
+        return out
+
+
+def headline(res: dict) -> str:
+    if "f1" in res:
+        return f"F1 {res['f1']:.4f}, EM {res['exact_match']:.4f}"
+    return f"accuracy {res['accuracy']:.4f}"
+
+
+def main(argv=None) -> int:
+    from dszo.train import run_cli
+
+    return run_cli(argv, mode="evaluate")
+
+
+if __name__ == "__main__":
+    from dszo.train import _exit
+
+    _exit(main())

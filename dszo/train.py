@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a script by a launcher: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,19 +27,25 @@ from tqdm import tqdm  # noqa: E402
 from dszo import comm  # noqa: E402
 from dszo.assets import set_default_extension_dir  # noqa: E402
 from dszo.config import ConfigError, TrainConfig, dump_yaml, load_config, load_ds_config, parse_overrides  # noqa: E402
-from dszo.data import DataError, EncodedSplit, PromptEncoder, StepSampler, load_examples, split  # noqa: E402
-from dszo.evaluate import evaluate  # noqa: E402
+from dszo.data import EncodedSplit, PromptEncoder, StepSampler  # noqa: E402
+from dszo.evaluate import Generation, evaluate, headline  # noqa: E402
 from dszo.metrics import MetricsWriter, peak_rss_mb  # noqa: E402
 from dszo.optim import lr_at  # noqa: E402
 from dszo.quantization import quantized_bytes  # noqa: E402
+from dszo.tasks import DataError  # noqa: E402
 
 EXIT_CONFIG = 2
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
-    p = argparse.ArgumentParser(prog="dszo/train.py", description=__doc__,
+def parse_args(argv=None, mode: str = "train") -> tuple[argparse.Namespace, dict]:
+    import dszo.evaluate
+
+    p = argparse.ArgumentParser(prog=f"dszo/{mode}.py", description=__doc__ if mode == "train" else dszo.evaluate.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run configuration")
+    if mode == "evaluate":
+        p.add_argument("--run", help="a finished run folder: its config.yaml and trained tensors are used")
+        p.add_argument("--split", choices=["dev", "test"], default="test")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     p.add_argument("--deepspeed_config", help="DeepSpeed JSON (overrides the config's `deepspeed:`)")
     p.add_argument("--deepspeed", nargs="?", const=True, default=None,
@@ -73,22 +80,46 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def build(cfg: TrainConfig, run_seed: int):
-    """Data, model under ZeRO-3, method: everything a run needs before its first step."""
-    from transformers import AutoTokenizer
+class TaskData:
+    """The task's examples, its encoder, and the encoded splits a run or an evaluation needs (made on demand)."""
 
+    def __init__(self, cfg: TrainConfig) -> None:
+        from transformers import AutoTokenizer
+
+        from dszo.assets import resolve_model_path
+        from dszo.tasks import get_task, load_splits
+
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path),
+                                                       trust_remote_code=cfg.model.trust_remote_code)
+        self.task = get_task(cfg.data)
+        self.parts = load_splits(cfg.data, self.task)
+        self.encoder = PromptEncoder(self.tokenizer, self.task, cfg.data)
+        d = cfg.data
+        self.generation = Generation(self.tokenizer, d.max_new_tokens, d.stop) if self.task.generation else None
+
+    def train_split(self) -> EncodedSplit:
+        return EncodedSplit(self.encoder, self.parts["train"], "train")
+
+    def eval_split(self, name: str) -> EncodedSplit:
+        d = self.cfg.data
+        return EncodedSplit(self.encoder, self.parts[name], "eval", d.num_demos, self.parts["train"], d.split_seed)
+
+    def scorer(self):
+        from dszo.scoring import Scorer
+
+        return Scorer(self.encoder.candidate_ids, self.cfg.data.loss, self.cfg.data.scoring)
+
+
+def build(cfg: TrainConfig, run_seed: int, training: bool = True):
+    """Data, model under ZeRO-3, method: everything a run needs before its first step."""
     from dszo import engine as zero
-    from dszo.assets import resolve_model_path
     from dszo.methods import get_method
 
     times = {}
     tic = time.perf_counter()
-    model_path = resolve_model_path(cfg.model.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    encoder = PromptEncoder(tokenizer, cfg.data)
-    parts = split(load_examples(cfg.data), cfg.data.dev_size, cfg.data.test_size, cfg.data.split_seed)
-    train, dev = EncodedSplit(encoder, parts["train"]), EncodedSplit(encoder, parts["dev"])
-
+    data = TaskData(cfg)
+    train = data.train_split() if training else None
     times["data_s"] = time.perf_counter() - tic
     ds_config = load_ds_config(cfg.deepspeed, cfg, comm.world_size())
     partition, num_nodes = comm.node_partition(
@@ -103,8 +134,10 @@ def build(cfg: TrainConfig, run_seed: int):
     model = zero.load_model(cfg, ds_config, partition)
     method.attach(model)
     engine = zero.initialize(model, ds_config, method.torch_optimizer(), partition)
-    rt = zero.ZeroRuntime(engine, encoder.candidate_ids)
+    rt = zero.ZeroRuntime(engine, data.scorer())
     times["model_s"] = time.perf_counter() - tic - times["data_s"]
+    if not training:
+        return data, None, method, rt, times
 
     # Calibration examples: the first num_calibration of a seeded order of the training set, split over ranks.
     # Only methods with a calibration phase (ZO-Act's bases) declare num_calibration.
@@ -114,7 +147,7 @@ def build(cfg: TrainConfig, run_seed: int):
                      if num_cal else [])
     method.setup(rt, calib_batches)
     times["method_setup_s"] = time.perf_counter() - tic - times["data_s"] - times["model_s"]
-    return train, dev, method, rt, times
+    return data, train, method, rt, times
 
 
 def save_trained(method, path: Path, cfg: TrainConfig, step: int) -> None:
@@ -140,7 +173,8 @@ def train(cfg: TrainConfig) -> dict:
     out = prepare_output_dir(cfg)
     main = comm.is_main()
     metrics = MetricsWriter(out, cfg.report_to, enabled=main)
-    train_split, dev, method, rt, build_times = build(cfg, run_seed)
+    data, train_split, method, rt, build_times = build(cfg, run_seed)
+    dev = data.eval_split("dev")
     world = comm.world_size()
     micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     sampler = StepSampler(len(train_split), micro * accum * world, run_seed)
@@ -148,22 +182,21 @@ def train(cfg: TrainConfig) -> dict:
     metrics.log({"event": "setup", "world_size": world, "threads": torch.get_num_threads(),
                  "setup_s": time.perf_counter() - t_start, **build_times, "peak_rss_mb": peak_rss_mb(),
                  "trainable_elements_local": sum(s.local.numel() for s in method.shards.values()),
-                 "train_examples": len(train_split), "dev_examples": len(dev), "frozen_1d": method.frozen_1d,
+                 "task": data.task.name, "train_examples": len(train_split), "dev_examples": len(dev),
+                 "test_examples": len(data.parts["test"]), "frozen_1d": method.frozen_1d,
                  "quantization": cfg.model.quantization, **quantized_bytes(rt.engine.module)})
     if main and method.frozen_1d:
         tqdm.write(f"[dszo] {len(method.frozen_1d)} 1-D tensors stay frozen (no functional perturbation for their "
                    f"module): {', '.join(method.frozen_1d[:5])}{' ...' if len(method.frozen_1d) > 5 else ''}")
 
-    def run_eval(step: int) -> dict:
-        tic = time.perf_counter()
-        res = evaluate(rt, dev, cfg.per_device_eval_batch_size)
-        metrics.log({"event": "eval", "step": step, "eval_accuracy": res["accuracy"], "eval_loss": res["loss"],
-                     "eval_examples": res["num_examples"], "eval_s": time.perf_counter() - tic})
+    def run_eval(step: int, split=dev, prefix: str = "eval") -> dict:
+        res = evaluate(rt, split, cfg.per_device_eval_batch_size, data.generation)
+        metrics.log({"event": prefix, "step": step, **{f"{prefix}_{k}": v for k, v in res.items()}})
         return res
 
     before = run_eval(0) if cfg.eval_before_training else None
     if main and before:
-        tqdm.write(f"[dszo] dev accuracy before training: {before['accuracy']:.4f} (n={before['num_examples']})")
+        tqdm.write(f"[dszo] dev {headline(before)} before training (n={before['num_examples']})")
     bar = tqdm(total=cfg.max_steps, disable=not main or cfg.disable_tqdm, desc=f"{cfg.method.name}", dynamic_ncols=True)
     step_times = []
     for t in range(cfg.max_steps):
@@ -192,17 +225,20 @@ def train(cfg: TrainConfig) -> dict:
             save_trained(method, out / f"checkpoint-{t + 1}", cfg, t + 1)
     bar.close()
     after = run_eval(cfg.max_steps)
+    test = run_eval(cfg.max_steps, data.eval_split("test"), "test") if cfg.do_predict else None
     save_trained(method, out, cfg, cfg.max_steps)
     steady = step_times[1:] or step_times
-    summary = {"event": "end", "dev_accuracy_before": before["accuracy"] if before else None,
-               "dev_accuracy_after": after["accuracy"], "dev_loss_after": after["loss"], "steps": cfg.max_steps,
+    summary = {"event": "end", **{f"dev_{k}_before": v for k, v in (before or {}).items() if k != "eval_s"},
+               **{f"dev_{k}_after": v for k, v in after.items() if k != "eval_s"},
+               **{f"test_{k}": v for k, v in (test or {}).items()}, "steps": cfg.max_steps,
                "mean_step_s": sum(steady) / len(steady) if steady else None, "world_size": world,
                "wall_s": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb()}
     metrics.log(summary)
     metrics.close()
     if main:
         (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        tqdm.write(f"[dszo] dev accuracy after {cfg.max_steps} steps: {after['accuracy']:.4f}; outputs in {out}")
+        tqdm.write(f"[dszo] dev {headline(after)} after {cfg.max_steps} steps"
+                   + (f"; test {headline(test)}" if test else "") + f"; outputs in {out}")
     return summary
 
 
@@ -218,14 +254,64 @@ def _fix_glibc_mmap_threshold() -> None:
             pass
 
 
-def main(argv=None) -> int:
+def load_trained(method, rt, run_dir: Path, cfg: TrainConfig) -> None:
+    """Each rank copies its slice of every trained tensor of a finished run into its shards."""
+    from safetensors import safe_open
+
+    path = run_dir / method.result_file
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: --run must name a finished run folder of method {cfg.method.name}")
+    with safe_open(str(path), "pt") as f:
+        meta, names = f.metadata() or {}, set(f.keys())
+        if meta.get("method", cfg.method.name) != cfg.method.name:
+            raise ConfigError(f"{path} was trained by method {meta['method']}, the config says {cfg.method.name}")
+        for name, param in {**method.trainable(), **method.extra_state()}.items():
+            if name not in names:
+                raise ConfigError(f"{path} has no tensor {name}: it comes from another model or method config")
+            full = f.get_tensor(name)
+            shard = rt.shard(name, param)
+            if tuple(full.shape) != shard.shape:
+                raise ConfigError(f"{path}: {name} has shape {tuple(full.shape)}, the model's is {shard.shape}")
+            shard.local.copy_(full.reshape(-1)[shard.start:shard.end].to(shard.local.dtype))
+
+
+def evaluate_only(cfg: TrainConfig, run_dir: Optional[Path], split_name: str) -> dict:
+    """Evaluate the base model (zero-shot / in-context) or a finished run on one split; no training."""
+    run_seed = comm.broadcast_int(cfg.seed)
+    data, _, method, rt, _ = build(cfg, run_seed, training=False)
+    if run_dir is not None:
+        load_trained(method, rt, run_dir, cfg)
+    split = data.eval_split(split_name)
+    res = evaluate(rt, split, cfg.per_device_eval_batch_size, data.generation)
+    res = {"split": split_name, "task": data.task.name, "num_demos": cfg.data.num_demos,
+           "scoring": cfg.data.scoring if not data.generation else "greedy", "model": cfg.model.name_or_path,
+           "run": str(run_dir) if run_dir else None, "world_size": comm.world_size(),
+           "examples_per_s": res["num_examples"] / res["eval_s"], **res}
+    if comm.is_main():
+        out = run_dir or Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        name = (f"eval_{'' if run_dir else 'base_'}{split_name}" + (f"_{cfg.data.num_demos}shot" if cfg.data.num_demos
+                                                                    else "") + ".json")
+        (out / name).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"[dszo] {split_name} {headline(res)} (n={res['num_examples']}, {res['examples_per_s']:.1f} examples/s); "
+              f"written to {out / name}")
+    return res
+
+
+def run_cli(argv=None, mode: str = "train") -> int:
+    """Shared by dszo/train.py and dszo/evaluate.py: arguments, config, process group, clean exit."""
     _fix_glibc_mmap_threshold()
     comm.map_launcher_env()
     set_default_extension_dir()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        args, overrides = parse_args(argv)
-        cfg = load_config(args.config, overrides)
+        args, overrides = parse_args(argv, mode)
+        run_dir = Path(args.run) if mode == "evaluate" and args.run else None
+        if run_dir is not None and not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--run {run_dir}: no config.yaml there; name the output_dir of a finished run")
+        if mode == "evaluate" and not (args.config or run_dir):
+            raise ConfigError("give --config (evaluate a base model) or --run (evaluate a finished run)")
+        cfg = load_config(str(run_dir / "config.yaml") if run_dir and not args.config else args.config, overrides)
     except ConfigError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"dszo: config error: {e}", file=sys.stderr)
@@ -234,7 +320,7 @@ def main(argv=None) -> int:
     ok = False
     try:
         comm.init(cfg.ddp_timeout, count_collectives=cfg.log_comm_bytes)
-        train(cfg)
+        train(cfg) if mode == "train" else evaluate_only(cfg, run_dir, args.split)
         ok = True
         return 0
     except (ConfigError, DataError, OSError, ValueError) as e:
@@ -255,6 +341,10 @@ def _exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def main(argv=None) -> int:
+    return run_cli(argv, "train")
 
 
 def cli() -> None:

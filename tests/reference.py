@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dszo.config import DataConfig
-from dszo.data import PromptEncoder, StepSampler, load_examples, split
+from dszo.data import PromptEncoder, StepSampler
+from dszo.tasks import get_task, load_splits
 from dszo.directions import gaussian, step_seed, tensor_key
 
 
@@ -25,10 +26,11 @@ class _Reference:
                                                           quantization_config=quantization).eval()
         self.model.requires_grad_(False)
         dc = DataConfig(**data_cfg)
-        self.enc = PromptEncoder(AutoTokenizer.from_pretrained(model_dir), dc)
-        parts = split(load_examples(dc), dc.dev_size, dc.test_size, dc.split_seed)
-        self.tokens = self.enc.encode(parts["train"])
-        self.labels = [e.label for e in parts["train"]]
+        task = get_task(dc)
+        self.enc = PromptEncoder(AutoTokenizer.from_pretrained(model_dir), task, dc)
+        rendered = [task.render(e) for e in load_splits(dc, task)["train"]]
+        self.tokens = [self.enc.prompt_ids(r.prompt) for r in rendered]
+        self.labels = [r.label for r in rendered]
         self.seed, self.eps = seed, eps
 
     def mean_loss(self, idx) -> float:
