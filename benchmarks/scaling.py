@@ -1,7 +1,7 @@
 """Scaling study: the same training for a few steps at several node counts (and ranks per node).
 
     .venv/bin/python benchmarks/scaling.py --nodes 1 2 4 --ranks-per-node 1 --mode weak --steps 6
-    .venv/bin/python benchmarks/scaling.py --nodes 1 2 --ranks-per-node 2 --mode strong --global-batch 16
+    .venv/bin/python benchmarks/scaling.py --nodes 1 2 --ranks-per-node 1 2 --mode strong --global-batch 16
 
 One node runs under `deepspeed --num_gpus R`; several nodes under launch/sim_cluster.sh (network namespaces,
 real TCP, one deepspeed launcher per node; needs root), exactly as on a cluster. weak: fixed per-rank batch;
@@ -41,7 +41,10 @@ def run_one(args, nodes: int, rpn: int, out: Path) -> dict:
         cmd = [str(bindir / "deepspeed"), "--num_gpus", str(rpn), *script]
     else:
         cmd = ["bash", "launch/sim_cluster.sh", str(nodes), str(rpn), *script]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # Every simulated node shares this machine's cores: each rank gets cores / world threads (a launcher on a real
+    # node would give it cores / local ranks, which here would oversubscribe the cores world/local times over).
+    threads = args.threads or max(1, (os.cpu_count() or 1) // world)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     tic = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
@@ -58,6 +61,7 @@ def run_one(args, nodes: int, rpn: int, out: Path) -> dict:
     return {
         "nodes": nodes, "ranks_per_node": rpn, "world_size": world, "mode": args.mode,
         "per_rank_batch": per_rank, "global_batch": per_rank * world, "partition": setup.get("partition"),
+        "threads_per_rank": setup.get("threads"),
         "steps_measured": len(steps), "step_median_s": step_s,
         "breakdown_median_s": {k[:-2]: med(k) for k in breakdown},
         "examples_per_s": examples / step_s,
@@ -104,7 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/rotten_tomatoes_zo_act.yaml")
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--ranks-per-node", type=int, default=1)
+    ap.add_argument("--ranks-per-node", type=int, nargs="+", default=[1])
+    ap.add_argument("--threads", type=int, default=0, help="threads per rank (0: cores / world size)")
     ap.add_argument("--mode", choices=["weak", "strong"], default="weak")
     ap.add_argument("--batch", type=int, default=4, help="weak: per-rank batch")
     ap.add_argument("--global-batch", type=int, default=16, help="strong: global batch")
@@ -119,9 +124,10 @@ def main() -> None:
     from benchmarks.common import environment
 
     rows = []
-    for n in args.nodes:
-        print(f"[scaling] {n} node(s) x {args.ranks_per_node} rank(s), {args.mode}", file=sys.stderr)
-        rows.append(run_one(args, n, args.ranks_per_node, REPO / "runs" / "scaling" / f"{args.mode}_{n}x{args.ranks_per_node}"))
+    for rpn in args.ranks_per_node:
+        for n in args.nodes:
+            print(f"[scaling] {n} node(s) x {rpn} rank(s), {args.mode}", file=sys.stderr)
+            rows.append(run_one(args, n, rpn, REPO / "runs" / "scaling" / f"{args.mode}_{n}x{rpn}"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = environment()
@@ -132,12 +138,12 @@ def main() -> None:
                                                    indent=1) + "\n")
     with out.with_suffix(".csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["nodes", "ranks_per_node", "mode", "global_batch", "step_median_s", "examples_per_s",
+        w.writerow(["nodes", "ranks_per_node", "threads_per_rank", "mode", "global_batch", "step_median_s", "examples_per_s",
                     "tokens_per_s", "zero3_gather_bytes", "dszo_collective_bytes", "within_node_bytes",
                     "spanning_nodes_bytes", "main_rank_peak_rss_mb"])
         for r in rows:
             b = r["bytes_per_step"]
-            w.writerow([r["nodes"], r["ranks_per_node"], r["mode"], r["global_batch"], f"{r['step_median_s']:.3f}",
+            w.writerow([r["nodes"], r["ranks_per_node"], r["threads_per_rank"], r["mode"], r["global_batch"], f"{r['step_median_s']:.3f}",
                         f"{r['examples_per_s']:.2f}", f"{r['tokens_per_s']:.1f}", b["zero3_gathers"],
                         b["dszo_collectives"], b["within_node"], b["spanning_nodes"], round(r["main_rank_peak_rss_mb"])])
     plot(rows, out.with_suffix(".png"))

@@ -191,7 +191,8 @@ def train(cfg: TrainConfig) -> dict:
 
     def run_eval(step: int, split=dev, prefix: str = "eval") -> dict:
         res = evaluate(rt, split, cfg.per_device_eval_batch_size, data.generation)
-        metrics.log({"event": prefix, "step": step, **{f"{prefix}_{k}": v for k, v in res.items()}})
+        metrics.log({"event": prefix, "step": step,
+                     **{f"{prefix}_s" if k == "eval_s" else f"{prefix}_{k}": v for k, v in res.items()}})
         return res
 
     before = run_eval(0) if cfg.eval_before_training else None
@@ -309,9 +310,10 @@ def run_cli(argv=None, mode: str = "train") -> int:
         run_dir = Path(args.run) if mode == "evaluate" and args.run else None
         if run_dir is not None and not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--run {run_dir}: no config.yaml there; name the output_dir of a finished run")
-        if mode == "evaluate" and not (args.config or run_dir):
-            raise ConfigError("give --config (evaluate a base model) or --run (evaluate a finished run)")
-        cfg = load_config(str(run_dir / "config.yaml") if run_dir and not args.config else args.config, overrides)
+        if mode == "evaluate" and bool(args.config) == bool(run_dir):
+            raise ConfigError("give either --config (evaluate a base model) or --run (evaluate a finished run with "
+                              "its own config.yaml; override keys with --key value)")
+        cfg = load_config(str(run_dir / "config.yaml") if run_dir else args.config, overrides)
     except ConfigError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"dszo: config error: {e}", file=sys.stderr)

@@ -131,12 +131,12 @@ def run_group(cmd: list[str], timeout: int, **kwargs) -> subprocess.CompletedPro
 
 
 def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str] = (), timeout: int = 300,
-           check: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, script: str = "train.py", with_config: bool = True) -> subprocess.CompletedProcess:
     out = Path(cfg["output_dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = out.parent / f"{out.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    script = [str(REPO / "dszo" / "train.py"), "--config", str(cfg_path), *extra]
+    script = [str(REPO / "dszo" / script), *(["--config", str(cfg_path)] if with_config else []), *extra]
     bindir = Path(sys.executable).parent
     port = str(free_port())
     if launcher == "deepspeed":
