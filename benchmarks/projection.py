@@ -10,7 +10,7 @@ Model (every assumption is printed into the output):
 - ZeRO-3 parameter all-gather of B bytes over g ranks: B·(g-1)/g / bandwidth + (g-1)·latency (ring). Within a
   node at the intra-node bandwidth; a group spanning nodes runs at the inter-node bandwidth per GPU.
 - ZO, partition node: one gather per step inside the node (the doubled batch needs one), then an all-reduce of
-  3 float64 over the world: 2·log2(world)·inter-node latency. ZO, partition world: the gather spans nodes.
+  4 float64 (3 loss sums, a stop flag) over the world: 2·log2(world)·inter-node latency. ZO, partition world: the gather spans nodes.
 - first-order ZeRO-3: gathers in forward and backward (2 × B) and a reduce-scatter of the gradients (P × grad
   bytes), all over the world group, no overlap with compute (upper bound) and perfect overlap (lower bound).
 - memory per GPU (weights + trainable/optimizer state), activations excluded: ZO node: P·bytes / GPUs per
@@ -52,7 +52,7 @@ def project(p: float, nodes: int, a) -> dict:
         "fo_step_s_no_overlap": fo_compute + fo_comm, "fo_step_s_overlap": max(fo_compute, fo_comm),
         "zo_node_tokens_per_s": 2 * tokens * world / zo_node,
         "fo_tokens_per_s_no_overlap": tokens * world / (fo_compute + fo_comm),
-        "inter_node_bytes_per_gpu_step": {"zo_node": 24 if inter else 0,
+        "inter_node_bytes_per_gpu_step": {"zo_node": 32 if inter else 0,
                                           "zo_world": wbytes * (world - 1) / world if inter else 0,
                                           "fo": (2 * wbytes + p * a.grad_bytes) * (world - 1) / world if inter else 0},
         "mem_gib_per_gpu": {"zo_node": wbytes / g / 2**30, "zo_world": wbytes / world / 2**30,

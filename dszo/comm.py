@@ -257,6 +257,11 @@ def all_max_int(value: int) -> int:
     return int(t.item())
 
 
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
 def node_key() -> str:
     """What names this rank's node. The simulated cluster's nodes share one hostname, so the launcher-given node
     identity comes first (sim_cluster.sh: DSZO_NODE_ADDR; deepspeed: CROSS_RANK; torchrun: GROUP_RANK; Slurm)."""

@@ -132,7 +132,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     logging_steps: int = 10
     eval_steps: int = 0               # 0: evaluate only before and after training
-    save_steps: int = 0               # 0: save the trained coefficients only at the end
+    save_steps: int = 0               # resumable checkpoint every N steps (0: none; SIGTERM always saves one)
+    save_total_limit: int = 2         # keep the newest N checkpoints (0: all)
+    resume_from_checkpoint: Optional[str] = None   # "latest" (output_dir's pointer) or a checkpoint folder
+    max_bad_steps: int = 10           # stop (with a checkpoint) after N steps in a row with a non-finite loss; 0: never
+    replay_log: bool = True           # <output_dir>/replay.jsonl: (seed, g, lr) per step; `dszo replay` rebuilds the run
     eval_before_training: bool = True
     do_predict: bool = False          # also evaluate the test split at the end (results.json: test_*)
     ddp_timeout: int = 600            # seconds; every collective fails after this instead of hanging
@@ -291,6 +295,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.per_device_eval_batch_size >= 1, "per_device_eval_batch_size must be >= 1")
     need(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
     need(cfg.ddp_timeout >= 1, "ddp_timeout must be >= 1 second")
+    for key in ("save_steps", "save_total_limit", "max_bad_steps", "eval_steps", "logging_steps"):
+        need(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1/adam_beta2 must lie in [0, 1)")
     need(not (cfg.partition == "node" and cfg.method.name == "first_order"),
          "partition: node cannot train first_order: its gradients must be reduced across every rank of every node, "

@@ -92,6 +92,15 @@ class ZeroRuntime:
         self.device = comm.device()
         self.all_reduce_sum = comm.all_reduce_sum
         self.world_size = comm.world_size()
+        self.stop_requested = False   # this rank was asked to stop (SIGTERM / SIGINT)
+        self.stop_agreed = False      # some rank was: every rank stops after the same step
+
+    def reduce_step(self, sums: torch.Tensor) -> torch.Tensor:
+        """The step's one all-reduce. It carries this rank's stop request as one more float, so that every rank
+        learns of a SIGTERM at the same step without a second collective."""
+        out = self.all_reduce_sum(torch.cat([sums, sums.new_tensor([float(self.stop_requested)])]))
+        self.stop_agreed = self.stop_agreed or bool(out[-1] > 0)
+        return out[:-1]
 
     def shard(self, name: str, param: nn.Parameter) -> Shard:
         return zero3_shard(name, param)
@@ -140,6 +149,7 @@ class LocalRuntime(ZeroRuntime):
         self.engine, self.scorer, self.device = model, scorer, torch.device(device)
         self.all_reduce_sum = lambda t: t
         self.world_size = 1
+        self.stop_requested = self.stop_agreed = False
 
     def shard(self, name: str, param: nn.Parameter) -> Shard:
         return Shard(name=name, key=tensor_key(name), shape=tuple(param.shape), start=0, end=param.numel(),

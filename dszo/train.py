@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ from tqdm import tqdm  # noqa: E402
 
 from dszo import comm  # noqa: E402
 from dszo.assets import set_default_extension_dir  # noqa: E402
-from dszo.config import ConfigError, TrainConfig, dump_yaml, load_config, load_ds_config, parse_overrides  # noqa: E402
+from dszo.config import (ConfigError, TrainConfig, dump_yaml, load_config, load_ds_config, parse_overrides,  # noqa: E402
+                         to_dict)
 from dszo.data import EncodedSplit, PromptEncoder, StepSampler  # noqa: E402
 from dszo.evaluate import Generation, evaluate, headline  # noqa: E402
 from dszo.metrics import MetricsWriter, peak_rss_mb  # noqa: E402
@@ -35,17 +37,23 @@ from dszo.quantization import quantized_bytes  # noqa: E402
 from dszo.tasks import DataError  # noqa: E402
 
 EXIT_CONFIG = 2
+EXIT_DIVERGED = 3      # too many non-finite losses in a row (a checkpoint was saved)
+EXIT_STOPPED = 143     # 128 + SIGTERM: stopped by a signal after saving a checkpoint; resume to continue
 
 
 def parse_args(argv=None, mode: str = "train") -> tuple[argparse.Namespace, dict]:
-    import dszo.evaluate
+    import importlib
 
-    p = argparse.ArgumentParser(prog=f"dszo/{mode}.py", description=__doc__ if mode == "train" else dszo.evaluate.__doc__,
+    doc = __doc__ if mode == "train" else importlib.import_module(f"dszo.{mode}").__doc__
+    p = argparse.ArgumentParser(prog=f"dszo/{mode}.py", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run configuration")
     if mode == "evaluate":
         p.add_argument("--run", help="a finished run folder: its config.yaml and trained tensors are used")
         p.add_argument("--split", choices=["dev", "test"], default="test")
+    if mode == "replay":
+        p.add_argument("--run", required=True, help="a run folder with replay.jsonl and config.yaml")
+        p.add_argument("--steps", type=int, default=0, help="replay only the first N steps (0: all)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     p.add_argument("--deepspeed_config", help="DeepSpeed JSON (overrides the config's `deepspeed:`)")
     p.add_argument("--deepspeed", nargs="?", const=True, default=None,
@@ -58,11 +66,12 @@ def parse_args(argv=None, mode: str = "train") -> tuple[argparse.Namespace, dict
     return args, overrides
 
 
-def prepare_output_dir(cfg: TrainConfig) -> Path:
-    """Refuse to write over another run unless asked. Every rank checks first (a collective: the main
-    rank must not write before the others have looked), then the main rank writes."""
+def prepare_output_dir(cfg: TrainConfig, resume_step: int = 0) -> Path:
+    """Refuse to write over another run unless asked (or resuming it). Every rank checks first (a collective: the
+    main rank must not write before the others have looked), then the main rank writes. On resume, the metrics
+    after the checkpoint's step are dropped: those steps run again."""
     out = Path(cfg.output_dir)
-    held = (out / "config.yaml").exists() and not cfg.overwrite_output_dir
+    held = (out / "config.yaml").exists() and not cfg.overwrite_output_dir and not resume_step
     if comm.all_max_int(int(held)):
         raise ConfigError(f"output_dir {out} already holds a run (config.yaml): choose another output_dir "
                           "or set overwrite_output_dir: true")
@@ -70,7 +79,7 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     if comm.is_main():
         try:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+            _truncate_metrics(out / "metrics.jsonl", resume_step)
             (out / "config.yaml").write_text(dump_yaml(cfg))
         except OSError as e:
             problem = f"cannot write to output_dir {out}: {e.strerror or e}"
@@ -78,6 +87,18 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     if comm.all_max_int(int(bool(problem))):
         raise ConfigError(problem or f"output_dir {out}: the main rank could not write to it (see its error)")
     return out
+
+
+def _truncate_metrics(path: Path, keep_until_step: int) -> None:
+    if not keep_until_step or not path.exists():
+        path.unlink(missing_ok=True)
+        return
+    keep = [ln for ln in path.read_text().splitlines()
+            if json.loads(ln).get("event") in ("setup", None, "eval", "checkpoint")
+            and json.loads(ln).get("step", 0) <= keep_until_step]
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
 
 
 class TaskData:
@@ -111,7 +132,7 @@ class TaskData:
         return Scorer(self.encoder.candidate_ids, self.cfg.data.loss, self.cfg.data.scoring)
 
 
-def build(cfg: TrainConfig, run_seed: int, training: bool = True):
+def build(cfg: TrainConfig, run_seed: int, training: bool = True, calibrate: bool = True):
     """Data, model under ZeRO-3, method: everything a run needs before its first step."""
     from dszo import engine as zero
     from dszo.methods import get_method
@@ -141,11 +162,11 @@ def build(cfg: TrainConfig, run_seed: int, training: bool = True):
 
     # Calibration examples: the first num_calibration of a seeded order of the training set, split over ranks.
     # Only methods with a calibration phase (ZO-Act's bases) declare num_calibration.
-    num_cal = getattr(cfg.method, "num_calibration", 0)
+    num_cal = getattr(cfg.method, "num_calibration", 0) if calibrate else 0  # a resume loads the bases instead
     calib = StepSampler(len(train), num_cal, run_seed).global_indices(0) if num_cal else []
     calib_batches = (train.rank_batches(calib, comm.rank(), comm.world_size(), cfg.method.calibration_batch_size)
                      if num_cal else [])
-    method.setup(rt, calib_batches)
+    method.setup(rt, calib_batches if calibrate else None)
     times["method_setup_s"] = time.perf_counter() - tic - times["data_s"] - times["model_s"]
     return data, train, method, rt, times
 
@@ -166,14 +187,55 @@ def save_trained(method, path: Path, cfg: TrainConfig, step: int) -> None:
         os.replace(tmp, path / method.result_file)
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped before max_steps (a signal, or too many non-finite losses), after saving a checkpoint."""
+
+    def __init__(self, msg: str, code: int) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+def _install_stop_handlers(rt) -> None:
+    """SIGTERM (Slurm's preemption and time limit) and SIGINT set a flag; the step's all-reduce carries it, so
+    every rank stops after the same step, saves a checkpoint and exits."""
+    def handler(signum, frame):
+        rt.stop_requested = True
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def _resume_point(cfg: TrainConfig):
+    """(checkpoint folder, its metadata) for resume_from_checkpoint, checked against this run; or None."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    from dszo import checkpoint as ckpt
+
+    if cfg.method.name == "first_order":
+        raise ConfigError("first_order runs cannot be resumed: their optimiser state lives in DeepSpeed's training "
+                          "engine, which dszo's checkpoints do not hold")
+    path = ckpt.resolve(Path(cfg.output_dir), cfg.resume_from_checkpoint)
+    meta = ckpt.read_meta(path)
+    ckpt.check_compatible(meta, to_dict(cfg), comm.world_size(), path)
+    return path, meta
+
+
 def train(cfg: TrainConfig) -> dict:
+    from dszo import checkpoint as ckpt
+    from dszo.directions import step_seed
+    from dszo.replay import FORMAT as REPLAY_FORMAT, ReplayLog
+
     t_start = time.perf_counter()
     run_seed = comm.broadcast_int(cfg.seed)  # rank 0's seed is the run's seed
     torch.manual_seed(run_seed)
-    out = prepare_output_dir(cfg)
+    resume = _resume_point(cfg)
+    out = prepare_output_dir(cfg, resume_step=resume[1]["step"] if resume else 0)
     main = comm.is_main()
     metrics = MetricsWriter(out, cfg.report_to, enabled=main)
-    data, train_split, method, rt, build_times = build(cfg, run_seed)
+    data, train_split, method, rt, build_times = build(cfg, run_seed, calibrate=resume is None)
+    start = ckpt.restore(*resume, method, rt) if resume else 0
+    replay = ReplayLog(out, {"format": REPLAY_FORMAT, "run_seed": run_seed, "method": cfg.method.name,
+                             "config": to_dict(cfg)}, start, enabled=main and cfg.replay_log)
+    _install_stop_handlers(rt)
     dev = data.eval_split("dev")
     world = comm.world_size()
     micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
@@ -183,7 +245,7 @@ def train(cfg: TrainConfig) -> dict:
                  "setup_s": time.perf_counter() - t_start, **build_times, "peak_rss_mb": peak_rss_mb(),
                  "trainable_elements_local": sum(s.local.numel() for s in method.shards.values()),
                  "task": data.task.name, "train_examples": len(train_split), "dev_examples": len(dev),
-                 "test_examples": len(data.parts["test"]), "frozen_1d": method.frozen_1d,
+                 "test_examples": len(data.parts["test"]), "frozen_1d": method.frozen_1d, "resumed_from_step": start,
                  "quantization": cfg.model.quantization, **quantized_bytes(rt.engine.module)})
     if main and method.frozen_1d:
         tqdm.write(f"[dszo] {len(method.frozen_1d)} 1-D tensors stay frozen (no functional perturbation for their "
@@ -195,45 +257,66 @@ def train(cfg: TrainConfig) -> dict:
                      **{f"{prefix}_s" if k == "eval_s" else f"{prefix}_{k}": v for k, v in res.items()}})
         return res
 
-    before = run_eval(0) if cfg.eval_before_training else None
+    def save(step: int) -> Path:
+        tic = time.perf_counter()
+        path = ckpt.save(out, step, method, rt, {"run_seed": run_seed, "config": to_dict(cfg), "rng": ckpt.rng_state(),
+                                                 "data": {"next_step": step, "global_batch": sampler.global_batch}},
+                         cfg.save_total_limit)
+        metrics.log({"event": "checkpoint", "step": step, "path": str(path), "save_s": time.perf_counter() - tic})
+        return path
+
+    before = run_eval(0) if cfg.eval_before_training and start == 0 else None
     if main and before:
         tqdm.write(f"[dszo] dev {headline(before)} before training (n={before['num_examples']})")
-    bar = tqdm(total=cfg.max_steps, disable=not main or cfg.disable_tqdm, desc=f"{cfg.method.name}", dynamic_ncols=True)
-    step_times = []
-    for t in range(cfg.max_steps):
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not main or cfg.disable_tqdm, desc=f"{cfg.method.name}",
+               dynamic_ncols=True)
+    step_times, bad_in_a_row, skipped = [], 0, 0
+    for t in range(start, cfg.max_steps):
         tic = time.perf_counter()
         snap = counter.snapshot() if counter else None
         batches = [train_split.batch(idx) for idx in sampler.rank_micro_batches(t, comm.rank(), world, micro, accum)]
         lr = lr_at(t, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps, cfg.max_steps)
         stats = method.step(t, batches, lr, rt)
         step_times.append(time.perf_counter() - tic)
+        replay.append(t + 1, step_seed(run_seed, t), stats)
+        bad_in_a_row, skipped = (bad_in_a_row + 1, skipped + 1) if stats.skipped else (0, skipped)
         bar.update(1)
         bar.set_postfix(loss=f"{0.5 * (stats.loss_plus + stats.loss_minus):.4f}")
-        if (t + 1) % max(1, cfg.logging_steps) == 0 or t == 0 or t + 1 == cfg.max_steps:
+        if (t + 1) % max(1, cfg.logging_steps) == 0 or t == start or t + 1 == cfg.max_steps or stats.skipped:
             rec = {"step": t + 1, "loss": 0.5 * (stats.loss_plus + stats.loss_minus), "loss_plus": stats.loss_plus,
                    "loss_minus": stats.loss_minus, "proj_grad": stats.proj_grad, "proj_grads": stats.proj_grads,
                    "lr": lr, "num_examples": stats.num_examples, "step_s": step_times[-1],
                    "tokens_local": int(sum(int(b.token_mask().sum()) for b in batches)),
-                   **{f"{k}_s": v for k, v in stats.timings.items()}}
+                   "skipped": stats.skipped, "skipped_total": skipped, **{f"{k}_s": v for k, v in stats.timings.items()}}
             if counter:
                 rec["comm"] = comm.CommCounter.delta(snap, counter.snapshot())
             if cfg.log_memory:
                 rec["peak_rss_mb"] = peak_rss_mb()
             metrics.log(rec)
+        if cfg.max_bad_steps and bad_in_a_row >= cfg.max_bad_steps:
+            path = save(t + 1)
+            raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss (last: L+ = {stats.loss_plus}, "
+                                  f"L- = {stats.loss_minus}); stopped at step {t + 1} with a checkpoint in {path}. "
+                                  "Lower learning_rate or method.zo_eps, or check the data", EXIT_DIVERGED)
         if cfg.eval_steps and (t + 1) % cfg.eval_steps == 0 and t + 1 != cfg.max_steps:
             run_eval(t + 1)
-        if cfg.save_steps and (t + 1) % cfg.save_steps == 0 and t + 1 != cfg.max_steps:
-            save_trained(method, out / f"checkpoint-{t + 1}", cfg, t + 1)
+        if rt.stop_agreed and t + 1 != cfg.max_steps:
+            path = save(t + 1)
+            raise TrainingStopped(f"stopped by a signal after step {t + 1}; checkpoint in {path}. Continue with "
+                                  "--resume_from_checkpoint latest", EXIT_STOPPED)
+        if cfg.save_steps and (t + 1) % cfg.save_steps == 0:
+            save(t + 1)
     bar.close()
+    replay.close()
     after = run_eval(cfg.max_steps)
     test = run_eval(cfg.max_steps, data.eval_split("test"), "test") if cfg.do_predict else None
     save_trained(method, out, cfg, cfg.max_steps)
     steady = step_times[1:] or step_times
     summary = {"event": "end", **{f"dev_{k}_before": v for k, v in (before or {}).items() if k != "eval_s"},
                **{f"dev_{k}_after": v for k, v in after.items() if k != "eval_s"},
-               **{f"test_{k}": v for k, v in (test or {}).items()}, "steps": cfg.max_steps,
-               "mean_step_s": sum(steady) / len(steady) if steady else None, "world_size": world,
-               "wall_s": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb()}
+               **{f"test_{k}": v for k, v in (test or {}).items()}, "steps": cfg.max_steps, "resumed_from_step": start,
+               "skipped_steps": skipped, "mean_step_s": sum(steady) / len(steady) if steady else None,
+               "world_size": world, "wall_s": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb()}
     metrics.log(summary)
     metrics.close()
     if main:
@@ -300,14 +383,14 @@ def evaluate_only(cfg: TrainConfig, run_dir: Optional[Path], split_name: str) ->
 
 
 def run_cli(argv=None, mode: str = "train") -> int:
-    """Shared by dszo/train.py and dszo/evaluate.py: arguments, config, process group, clean exit."""
+    """Shared by dszo/train.py, dszo/evaluate.py and dszo/replay.py: arguments, config, process group, exit code."""
     _fix_glibc_mmap_threshold()
     comm.map_launcher_env()
     set_default_extension_dir()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args, overrides = parse_args(argv, mode)
-        run_dir = Path(args.run) if mode == "evaluate" and args.run else None
+        run_dir = Path(args.run) if mode != "train" and args.run else None
         if run_dir is not None and not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--run {run_dir}: no config.yaml there; name the output_dir of a finished run")
         if mode == "evaluate" and bool(args.config) == bool(run_dir):
@@ -322,9 +405,21 @@ def run_cli(argv=None, mode: str = "train") -> int:
     ok = False
     try:
         comm.init(cfg.ddp_timeout, count_collectives=cfg.log_comm_bytes)
-        train(cfg) if mode == "train" else evaluate_only(cfg, run_dir, args.split)
+        if mode == "train":
+            train(cfg)
+        elif mode == "evaluate":
+            evaluate_only(cfg, run_dir, args.split)
+        else:
+            from dszo.replay import replay
+
+            replay(run_dir, cfg, args.steps)
         ok = True
         return 0
+    except TrainingStopped as e:
+        if comm.is_main():
+            print(f"dszo: {e}", file=sys.stderr)
+        ok = True  # every rank stopped at the same step: leave together
+        return e.code
     except (ConfigError, DataError, OSError, ValueError) as e:
         print(f"dszo: error (rank {comm.rank()}): {e}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(e, ConfigError) else 1

@@ -1,5 +1,6 @@
 """Config loading: types, unknown keys, YAML quirks, CLI overrides, DeepSpeed batch-size checks."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,9 @@ def test_low_rank_sgd_methods_refuse_other_optimisers(name):
     cfg = load_config(None, {"method": {"name": name}, "optim": "adam"})
     with pytest.raises(ConfigError, match=rf"method {name} updates W with SGD along .*set optim: sgd \(got optim: adam\)"):
         get_method(name)(cfg, run_seed=0)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(str(path))

@@ -135,6 +135,10 @@ class AGZO(ZOMethod):
         for name, rmat in self.R.items():
             self.step_dir[name] = coeff * rmat if name not in self.step_dir else self.step_dir[name].add_(rmat, alpha=coeff)
 
+    def discard(self) -> None:
+        self.vector_estimate.discard()
+        self.step_dir.clear()
+
     def update(self, t: int, lr: float) -> None:
         self.vector_estimate.apply(lr)
         for name in self.layers:

@@ -5,6 +5,7 @@ tensor this rank owns, a loss function and the scalar all-reduce.
 """
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -44,6 +45,7 @@ class StepStats:
     lr: float
     proj_grads: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False     # non-finite loss: the update was not applied
 
 
 class Runtime(Protocol):
@@ -61,6 +63,9 @@ class Runtime(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def optimizer_step(self) -> None: ...
+
+    def reduce_step(self, sums: torch.Tensor) -> torch.Tensor:
+        """The step's all-reduce of its loss sums (the runtime may carry control flags along with them)."""
 
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
     world_size: int
@@ -96,7 +101,19 @@ class Method(ABC):
 
     @abstractmethod
     def setup(self, rt: Runtime, calibration_batches: list) -> None:
-        """After sharding: take shards, compute bases, create optimiser state."""
+        """After sharding: take shards, compute bases, create optimiser state. calibration_batches is None when
+        the state will be restored from a checkpoint (no calibration pass)."""
+
+    # -- checkpoints: the state a resume needs besides the trained tensors and extra_state ---------------
+    def state_shards(self) -> dict[str, Shard]:
+        """Optimiser / momentum state as flat slices of named tensors (this rank's part)."""
+        return {}
+
+    def state_scalars(self) -> dict:
+        return {}
+
+    def load_state(self, reader, scalars: dict) -> None:
+        """Restore what state_shards / state_scalars saved; `reader.read(name, start, end)` gives any slice."""
 
     @abstractmethod
     def step(self, t: int, micro_batches: list, lr: float, rt: Runtime) -> StepStats:
@@ -124,6 +141,10 @@ class ZOMethod(Method):
     def update(self, t: int, lr: float) -> None:
         """Apply the accumulated update to this rank's shards."""
 
+    @abstractmethod
+    def discard(self) -> None:
+        """Drop what accumulate() gathered this step (a skipped step)."""
+
     def step(self, t: int, micro_batches: list, lr: float, rt: Runtime) -> StepStats:
         seed, n_dir = step_seed(self.run_seed, t), self.cfg.method.num_directions
         clock, losses, grads = _Stopwatch(), [], []
@@ -134,16 +155,19 @@ class ZOMethod(Method):
                 for batch in micro_batches:
                     sums += torch.tensor(self.losses(t, dseed, batch, rt), dtype=torch.float64)
             with clock("all_reduce"):
-                a, b, n = rt.all_reduce_sum(sums).tolist()   # the step's only collective: 3 scalars
+                a, b, n = rt.reduce_step(sums).tolist()      # the step's only collective: a few scalars
             g = self.projected_gradient(a, b, n)
-            with clock("update"):
-                self.accumulate(t, dseed, g / n_dir)
+            if math.isfinite(g):                          # the same on every rank: g comes from all-reduced sums
+                with clock("update"):
+                    self.accumulate(t, dseed, g / n_dir)
             losses.append((a / n, b / n))
             grads.append(g)
+        skipped = not all(math.isfinite(g) for g in grads)  # a NaN/inf loss: no update at all this step
         with clock("update"):
-            self.update(t, lr)
+            self.discard() if skipped else self.update(t, lr)
         return StepStats(loss_plus=sum(x for x, _ in losses) / n_dir, loss_minus=sum(y for _, y in losses) / n_dir,
-                         proj_grad=grads[0], num_examples=int(n), lr=lr, proj_grads=grads, timings=dict(clock.totals))
+                         proj_grad=grads[0], num_examples=int(n), lr=lr, proj_grads=grads, timings=dict(clock.totals),
+                         skipped=skipped)
 
 
 class _Stopwatch:
@@ -175,8 +199,25 @@ class DenseEstimate:
 
     def apply(self, lr: float) -> None:
         self.optimizer.step({n: (s.local, self.estimate[n]) for n, s in self.shards.items()}, lr)
+        self.discard()
+
+    def discard(self) -> None:
         for e in self.estimate.values():
             e.zero_()
+
+    def state_shards(self) -> dict[str, Shard]:
+        return {f"{n}::{k}": Shard(f"{n}::{k}", s.key, s.shape, s.start, s.end, t)
+                for n, s in self.shards.items() for k, t in self.optimizer.state.get(n, {}).items()}
+
+    def state_scalars(self) -> dict:
+        return {"optimizer_steps": self.optimizer.steps}
+
+    def load_state(self, reader, scalars: dict) -> None:
+        self.optimizer.steps = int(scalars["optimizer_steps"])
+        names = reader.names()
+        for n, s in self.shards.items():
+            for key in sorted(k for k in names if k.startswith(n + "::")):
+                self.optimizer.state.setdefault(n, {})[key[len(n) + 2:]] = reader.read(key, s.start, s.end).to(s.local)
 
 
 def require_sgd(cfg, update: str) -> None:

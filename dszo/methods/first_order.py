@@ -101,6 +101,6 @@ class FirstOrder(Method):
             rt.backward(loss_sum * scale)
             rt.optimizer_step()              # DeepSpeed steps the optimiser at the accumulation boundary
             total += float(loss_sum.detach())
-        loss = float(rt.all_reduce_sum(torch.tensor([total], dtype=torch.float64))[0]) / n_global
+        loss = float(rt.reduce_step(torch.tensor([total], dtype=torch.float64))[0]) / n_global
         return StepStats(loss_plus=loss, loss_minus=loss, proj_grad=0.0, num_examples=int(n_global), lr=lr,
                          timings={"forward_backward": time.perf_counter() - tic})

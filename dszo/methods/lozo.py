@@ -213,6 +213,28 @@ class LOZO(ZOMethod):
                 step_dir = buf
             apply_low_rank_rows(s, step_dir, v, lr)
 
+    def discard(self) -> None:
+        self.vector_estimate.discard()
+        self.u_sum.clear()
+
+    # -- checkpoints: LOZO-M's momentum, rows [r0, r1) of N (m x r) per matrix, and of the 1-D tensors ------
+    def state_shards(self) -> dict[str, Shard]:
+        r, out = self.cfg.method.rank, self.vector_estimate.state_shards()
+        for name, buf in self.momentum_buf.items():
+            if buf is not None:
+                (r0, r1), m = self.rows[name], self.dims[name][0]
+                out[f"{name}::momentum_N"] = Shard(f"{name}::momentum_N", 0, (m, r), r0 * r, r1 * r, buf.reshape(-1))
+        return out
+
+    def load_state(self, reader, scalars: dict) -> None:
+        self.vector_estimate.load_state(reader)
+        r = self.cfg.method.rank
+        for name in self.momentum_buf:
+            key = f"{name}::momentum_N"
+            if key in reader.names() and self.matrices[name].local.numel():
+                r0, r1 = self.rows[name]
+                self.momentum_buf[name] = reader.read(key, r0 * r, r1 * r).view(r1 - r0, r)
+
 
 @register
 class LOZOM(LOZO):

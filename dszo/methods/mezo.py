@@ -88,3 +88,15 @@ class MeZO(ZOMethod):
 
     def update(self, t: int, lr: float) -> None:
         self.estimate.apply(lr)
+
+    def discard(self) -> None:
+        self.estimate.discard()
+
+    def state_shards(self):
+        return self.estimate.state_shards()
+
+    def state_scalars(self) -> dict:
+        return self.estimate.state_scalars()
+
+    def load_state(self, reader, scalars: dict) -> None:
+        self.estimate.load_state(reader, scalars)

@@ -143,4 +143,19 @@ class VectorEstimate:
                 step = self.buf[name] = (step.clone().mul_(1 - self.beta) if buf is None
                                          else buf.mul_(self.beta).add_(step, alpha=1 - self.beta))
             s.local.add_(step, alpha=-lr)
-            self.estimate[name].zero_()
+        self.discard()
+
+    def discard(self) -> None:
+        for e in self.estimate.values():
+            e.zero_()
+
+    def state_shards(self) -> dict:
+        from dszo.methods.base import Shard
+
+        return {f"{n}::momentum": Shard(f"{n}::momentum", s.key, s.shape, s.start, s.end, self.buf[n])
+                for n, s in self.shards.items() if n in self.buf}
+
+    def load_state(self, reader) -> None:
+        for n, s in self.shards.items():
+            if f"{n}::momentum" in reader.names():
+                self.buf[n] = reader.read(f"{n}::momentum", s.start, s.end).to(s.local)

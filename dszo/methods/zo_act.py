@@ -130,7 +130,8 @@ class ZOAct(ZOMethod):
 
     def setup(self, rt: Runtime, calibration_batches: list) -> None:
         self.shards = {n: rt.shard(n, p) for n, p in self.trainable().items()}
-        self.compute_bases(rt, calibration_batches)
+        if calibration_batches is not None:   # None: the bases come from a checkpoint
+            self.compute_bases(rt, calibration_batches)
         self.estimate = DenseEstimate(self.shards, self.cfg)
 
     def compute_bases(self, rt: Runtime, batches: list) -> None:
@@ -186,3 +187,15 @@ class ZOAct(ZOMethod):
 
     def update(self, t: int, lr: float) -> None:
         self.estimate.apply(lr)
+
+    def discard(self) -> None:
+        self.estimate.discard()
+
+    def state_shards(self):
+        return self.estimate.state_shards()
+
+    def state_scalars(self) -> dict:
+        return self.estimate.state_scalars()
+
+    def load_state(self, reader, scalars: dict) -> None:
+        self.estimate.load_state(reader, scalars)
