@@ -2,7 +2,7 @@
 
 I1  1 rank == 2 ranks on one node == 2 nodes x 1 rank (network namespaces, real TCP)
 I2  the 2-rank ZeRO-3 run == an independent single-process plain-PyTorch computation (tests/reference.py)
-I3  bytes all-reduced per step are O(1) (3 float64); everything else is ZeRO-3's parameter all-gather
+I3  bytes all-reduced per step are O(1) (4 float64: 3 loss sums and the stop flag); everything else is ZeRO-3's parameter all-gather
 I4  same config and seed -> identical run
 """
 from __future__ import annotations
