@@ -207,8 +207,10 @@ def save(out: Path, step: int, method, rt, meta: dict, keep: int) -> Path:
     comm.barrier()
     try:
         write_rank(tmp, comm.rank(), comm.world_size(), entries(method, rt))
-    except OSError as e:  # disk full, permissions: every rank learns of it, the previous checkpoint stays
-        problem = f"rank {comm.rank()} could not write its checkpoint shard to {tmp}: {e.strerror or e}"
+    except Exception as e:  # disk full, permissions (safetensors raises its own error type for I/O): every rank
+        # learns of it, and the previous checkpoint stays as it was
+        problem = (f"rank {comm.rank()} could not write its checkpoint shard to {tmp}: "
+                   f"{getattr(e, 'strerror', None) or e}; the previous checkpoint is intact")
     if comm.all_max_int(int(bool(problem))):
         raise CheckpointError(problem or f"another rank could not write its part of {tmp} (see its error); "
                               "the previous checkpoint is intact")

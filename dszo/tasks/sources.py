@@ -151,15 +151,15 @@ def sample_splits(pools: dict[str, list[Example]], cfg) -> dict[str, list[Exampl
 
 
 def load_splits(cfg, task: Task) -> dict[str, list[Example]]:
-    """The run's train / dev / test examples, each row checked (missing fields, unknown labels: file and line)."""
+    """The run's train / dev / test examples; every row is checked (missing fields, unknown labels: file and line)."""
     pools = read_pools(cfg, task)
     if not any(pools.values()):
         raise DataError(f"no examples found in {cfg.path or cfg.task}: refusing to train on an empty data set")
-    parts = sample_splits(pools, cfg)
-    for rows in parts.values():
+    for rows in pools.values():  # every row, before sampling: a bad row is reported whatever the seed picks
         for ex in rows:
             task.check(ex)
             task.render(ex)
+    parts = sample_splits(pools, cfg)
     if not parts["train"]:
         raise DataError(f"no training examples in {cfg.path or cfg.task}: refusing to train on an empty data set")
     return parts
