@@ -232,7 +232,9 @@ def train(cfg: TrainConfig) -> dict:
     main = comm.is_main()
     metrics = MetricsWriter(out, cfg.report_to, enabled=main)
     data, train_split, method, rt, build_times = build(cfg, run_seed, calibrate=resume is None)
+    tic = time.perf_counter()
     start = ckpt.restore(*resume, method, rt) if resume else 0
+    build_times["restore_s"] = time.perf_counter() - tic
     replay = ReplayLog(out, {"format": REPLAY_FORMAT, "run_seed": run_seed, "method": cfg.method.name,
                              "config": to_dict(cfg)}, start, enabled=main and cfg.replay_log)
     _install_stop_handlers(rt)
