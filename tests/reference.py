@@ -25,6 +25,12 @@ class _Reference:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                           quantization_config=quantization).eval()
         self.model.requires_grad_(False)
+        # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first forward, and the repack
+        # fails for layers narrower than a quantization block (the tiny model's 32 < 64: "shape '[32, 0]' is
+        # invalid"); the plain kernel computes the same function. Only CPUs with AVX512-BF16 take that path.
+        for m in self.model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
         dc = DataConfig(**data_cfg)
         task = get_task(dc)
         self.enc = PromptEncoder(AutoTokenizer.from_pretrained(model_dir), task, dc)

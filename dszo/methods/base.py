@@ -220,6 +220,23 @@ class DenseEstimate:
                 self.optimizer.state.setdefault(n, {})[key[len(n) + 2:]] = reader.read(key, s.start, s.end).to(s.local)
 
 
+class DenseEstimateState:
+    """For methods whose update is a DenseEstimate in `self.estimate` (ZO-Act, MeZO): dropping a skipped step's
+    estimate and the checkpoint state (the optimiser's moments) are the estimate's."""
+
+    def discard(self) -> None:
+        self.estimate.discard()
+
+    def state_shards(self) -> dict[str, Shard]:
+        return self.estimate.state_shards()
+
+    def state_scalars(self) -> dict:
+        return self.estimate.state_scalars()
+
+    def load_state(self, reader, scalars: dict) -> None:
+        self.estimate.load_state(reader, scalars)
+
+
 def require_sgd(cfg, update: str) -> None:
     """Methods whose update is SGD along their own low-rank direction (LOZO, AGZO) refuse another optim."""
     if cfg.optim != "sgd":

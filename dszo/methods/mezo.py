@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dszo.config import ConfigError, MethodConfig, register_method_config
-from dszo.methods.base import DenseEstimate, Runtime, ZOMethod, register
+from dszo.methods.base import DenseEstimate, DenseEstimateState, Runtime, ZOMethod, register
 from dszo.quantization import is_quantized, refuse
 
 
@@ -50,7 +50,7 @@ def select_parameters(model: nn.Module, patterns: list[str], method: str, quanti
 
 
 @register
-class MeZO(ZOMethod):
+class MeZO(DenseEstimateState, ZOMethod):
     name = "mezo"
 
     def attach(self, model: nn.Module) -> None:
@@ -88,15 +88,3 @@ class MeZO(ZOMethod):
 
     def update(self, t: int, lr: float) -> None:
         self.estimate.apply(lr)
-
-    def discard(self) -> None:
-        self.estimate.discard()
-
-    def state_shards(self):
-        return self.estimate.state_shards()
-
-    def state_scalars(self) -> dict:
-        return self.estimate.state_scalars()
-
-    def load_state(self, reader, scalars: dict) -> None:
-        self.estimate.load_state(reader, scalars)

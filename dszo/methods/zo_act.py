@@ -19,7 +19,7 @@ from torch import nn
 
 from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
-from dszo.methods.base import DenseEstimate, Runtime, ZOMethod, register
+from dszo.methods.base import DenseEstimate, DenseEstimateState, Runtime, ZOMethod, register
 from dszo.methods.layers import wrap_linear_layers
 from dszo.subspace import nystrom_basis, orthonormalize, sketch_width
 
@@ -112,7 +112,7 @@ class ZOActLinear(nn.Module):
 
 
 @register
-class ZOAct(ZOMethod):
+class ZOAct(DenseEstimateState, ZOMethod):
     name = "zo_act"
     result_file = "adapter.safetensors"
 
@@ -187,15 +187,3 @@ class ZOAct(ZOMethod):
 
     def update(self, t: int, lr: float) -> None:
         self.estimate.apply(lr)
-
-    def discard(self) -> None:
-        self.estimate.discard()
-
-    def state_shards(self):
-        return self.estimate.state_shards()
-
-    def state_scalars(self) -> dict:
-        return self.estimate.state_scalars()
-
-    def load_state(self, reader, scalars: dict) -> None:
-        self.estimate.load_state(reader, scalars)
