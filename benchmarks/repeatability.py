@@ -14,9 +14,23 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+
+def tensor_digest(path: Path) -> str:
+    """SHA-256 over names and bytes of every tensor (not the file: safetensors writes its metadata keys in a
+    hash-map order that differs between runs)."""
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(path)).items()):
+        h.update(name.encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def main() -> None:
@@ -38,7 +52,7 @@ def main() -> None:
         launch(tiny_config(model, data, out, max_steps=args.steps, per_device_train_batch_size=4,
                            overwrite_output_dir=True), 2)
         losses.append([(r["loss_plus"], r["loss_minus"]) for r in step_records(out)])
-        digests.append(hashlib.sha256((out / "adapter.safetensors").read_bytes()).hexdigest())
+        digests.append(tensor_digest(out / "adapter.safetensors"))
         print(f"[repeatability] run {i + 1}/{args.runs}: {digests[-1][:16]}", file=sys.stderr)
     res = {"runs": args.runs, "steps": args.steps, "world_size": 2,
            "identical_losses": all(x == losses[0] for x in losses),

@@ -13,9 +13,11 @@ Results go to <output_dir>/eval_<split>.json (with --run: into the run folder) a
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a script by a launcher: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -78,6 +80,54 @@ def headline(res: dict) -> str:
     if "f1" in res:
         return f"F1 {res['f1']:.4f}, EM {res['exact_match']:.4f}"
     return f"accuracy {res['accuracy']:.4f}"
+
+
+def load_trained(method, rt, run_dir: Path, cfg) -> None:
+    """Each rank copies its slice of every trained tensor of a finished run into its shards."""
+    from safetensors import safe_open
+
+    from dszo.config import ConfigError
+
+    path = run_dir / method.result_file
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: --run must name a finished run folder of method {cfg.method.name}")
+    with safe_open(str(path), "pt") as f:
+        meta, names = f.metadata() or {}, set(f.keys())
+        if meta.get("method", cfg.method.name) != cfg.method.name:
+            raise ConfigError(f"{path} was trained by method {meta['method']}, the config says {cfg.method.name}")
+        for name, param in {**method.trainable(), **method.extra_state()}.items():
+            if name not in names:
+                raise ConfigError(f"{path} has no tensor {name}: it comes from another model or method config")
+            full = f.get_tensor(name)
+            shard = rt.shard(name, param)
+            if tuple(full.shape) != shard.shape:
+                raise ConfigError(f"{path}: {name} has shape {tuple(full.shape)}, the model's is {shard.shape}")
+            shard.local.copy_(full.reshape(-1)[shard.start:shard.end].to(shard.local.dtype))
+
+
+def evaluate_only(cfg, run_dir: Optional[Path], split_name: str) -> dict:
+    """Evaluate the base model (zero-shot / in-context) or a finished run on one split; no training."""
+    from dszo.train import build
+
+    run_seed = comm.broadcast_int(cfg.seed)
+    data, _, method, rt, _ = build(cfg, run_seed, training=False)
+    if run_dir is not None:
+        load_trained(method, rt, run_dir, cfg)
+    split = data.eval_split(split_name)
+    res = evaluate(rt, split, cfg.per_device_eval_batch_size, data.generation)
+    res = {"split": split_name, "task": data.task.name, "num_demos": cfg.data.num_demos,
+           "scoring": cfg.data.scoring if not data.generation else "greedy", "model": cfg.model.name_or_path,
+           "run": str(run_dir) if run_dir else None, "world_size": comm.world_size(),
+           "examples_per_s": res["num_examples"] / res["eval_s"], **res}
+    if comm.is_main():
+        out = run_dir or Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        name = (f"eval_{'' if run_dir else 'base_'}{split_name}" + (f"_{cfg.data.num_demos}shot" if cfg.data.num_demos
+                                                                    else "") + ".json")
+        (out / name).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"[dszo] {split_name} {headline(res)} (n={res['num_examples']}, {res['examples_per_s']:.1f} examples/s); "
+              f"written to {out / name}")
+    return res
 
 
 def main(argv=None) -> int:
