@@ -231,9 +231,9 @@ def check_compatible(meta: dict, cfg: dict, world: int, path: Path) -> None:
     """The checkpoint must come from this run's settings; the world size may differ (the global batch may not)."""
     old = meta["config"]
     for key in _SAME:
-        if old.get(key) != cfg.get(key):
-            raise CheckpointError(f"{path} was saved with {key} = {old.get(key)!r}, this run has {cfg.get(key)!r}: "
-                                  "resume with the same settings (or start a new run in another output_dir)")
+        for name, was, now in _differences(key, old.get(key), cfg.get(key)):
+            raise CheckpointError(f"{path} was saved with {name} = {was!r}, this run has {now!r}: resume with the "
+                                  "same settings (or start a new run in another output_dir)")
     batch = lambda c, w: c["per_device_train_batch_size"] * c["gradient_accumulation_steps"] * w  # noqa: E731
     if batch(old, meta["world_size"]) != batch(cfg, world):
         raise CheckpointError(f"{path}: global batch {batch(old, meta['world_size'])} (world size {meta['world_size']}) "
@@ -244,6 +244,15 @@ def check_compatible(meta: dict, cfg: dict, world: int, path: Path) -> None:
                               f"{cfg['lr_scheduler_type']} learning-rate schedule; keep max_steps")
     if meta["step"] > cfg["max_steps"]:
         raise CheckpointError(f"{path} is at step {meta['step']}, beyond max_steps = {cfg['max_steps']}")
+
+
+def _differences(name: str, a, b):
+    """(dotted key, old, new) of every leaf where two config values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            yield from _differences(f"{name}.{k}", a.get(k), b.get(k))
+    elif a != b:
+        yield name, a, b
 
 
 def restore(path: Path, meta: dict, method, rt) -> int:
