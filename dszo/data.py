@@ -132,7 +132,8 @@ class EncodedSplit:
         self.encoder = encoder
         if num_demos and len(demo_pool) < num_demos:
             raise DataError(f"data.num_demos = {num_demos} but only {len(demo_pool)} training examples to draw from")
-        self.items = [encoder.encode(ex, purpose, random.Random(mix(seed, 0xDE30, i)).sample(list(demo_pool), num_demos)
+        pool = list(demo_pool)
+        self.items = [encoder.encode(ex, purpose, random.Random(mix(seed, 0xDE30, i)).sample(pool, num_demos)
                                      if num_demos else ()) for i, ex in enumerate(examples)]
         self.one_row = all(len(it.rows) == 1 and it.rows[0][1] == 0 for it in self.items)
 
