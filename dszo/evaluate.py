@@ -9,7 +9,8 @@ Without training -- a base model (zero-shot, or in-context with `--data.num_demo
     deepspeed --num_gpus 2 dszo/evaluate.py --config configs/rotten_tomatoes_zo_act.yaml [--split test]
     deepspeed --num_gpus 2 dszo/evaluate.py --run runs/rotten_tomatoes_zo_act [--split test]
 
-Results go to <output_dir>/eval_<split>.json (with --run: into the run folder) and to the console.
+Results go to <output_dir>/eval_base_<split>[_<k>shot].json (with --run: <run>/eval_<split>...json) and to the
+console.
 """
 from __future__ import annotations
 

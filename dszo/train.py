@@ -92,9 +92,9 @@ def _truncate_metrics(path: Path, keep_until_step: int) -> None:
     if not keep_until_step or not path.exists():
         path.unlink(missing_ok=True)
         return
-    keep = [ln for ln in path.read_text().splitlines()
-            if json.loads(ln).get("event") in ("setup", None, "eval", "checkpoint")
-            and json.loads(ln).get("step", 0) <= keep_until_step]
+    records = [(ln, json.loads(ln)) for ln in path.read_text().splitlines()]
+    keep = [ln for ln, r in records
+            if r.get("event") in ("setup", None, "eval", "checkpoint") and r.get("step", 0) <= keep_until_step]
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
