@@ -103,10 +103,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_env() -> dict:
+# Threads per launched rank (DSZO_TEST_RANK_THREADS, default 1: the ranks share CI's 2 cores). Thread counts
+# change reduction orders, so the suite is also run with 2 (docs/numerics.md).
+RANK_THREADS = os.environ.get("DSZO_TEST_RANK_THREADS", "1")
+
+# Runs compared with a derived tolerance launch one side on PyTorch's scalar kernels: every machine then checks
+# that its vectorised kernels and the scalar ones agree, the difference a CPU of another kind (AVX-512 vs AVX2)
+# would see -- a cheap guard against tolerances fitted to one CPU (issue 12). Bit-exact comparisons never use it.
+OTHER_KERNELS = {"ATEN_CPU_CAPABILITY": "default"}
+
+
+def rank_env(**extra: str) -> dict:
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONPATH": str(REPO)})
+    env.update({"OMP_NUM_THREADS": RANK_THREADS, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(REPO), **extra})
     return env
 
 
@@ -131,7 +141,9 @@ def run_group(cmd: list[str], timeout: int, **kwargs) -> subprocess.CompletedPro
 
 
 def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str] = (), timeout: int = 300,
-           check: bool = True, script: str = "train.py", with_config: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, script: str = "train.py", with_config: bool = True,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Launch `script` on `n_ranks` real ranks; `env`: extra environment for them (e.g. OTHER_KERNELS)."""
     out = Path(cfg["output_dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = out.parent / f"{out.name}.yaml"
@@ -150,7 +162,7 @@ def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str
         cmd = [sys.executable, *script]
     else:
         raise ValueError(launcher)
-    proc = run_group(cmd, timeout=timeout)
+    proc = run_group(cmd, timeout=timeout, env=rank_env(**(env or {})))
     # Nothing a run set up may outlive it in /dev/shm (DeepSpeed's CPU all-reduce buffers did: 67 MB per rank).
     leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     assert not leaked, f"run left shared-memory segments behind: {leaked}"
@@ -173,3 +185,17 @@ def load_adapter(out: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(out) / "adapter.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def zo_act_spectrum(tiny_model, tiny_data, tmp_path_factory) -> dict:
+    """The exact ZO-Act bases of tiny_config's defaults (tests/reference.py) and their eigengaps, from which the
+    tolerance on a run's V is derived (tests/tolerances.py: basis_atol)."""
+    from reference import ReferenceZOAct
+
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path_factory.mktemp("spectrum"))
+    m = cfg["method"]
+    ref = ReferenceZOAct(tiny_model, cfg["data"], rank=m["rank"], seed=cfg["seed"], eps=m["zo_eps"],
+                         lr=cfg["learning_rate"])
+    v = ref.compute_bases(m["num_calibration"])
+    return {"V": v, "gap_rel": ref.gap_rel, "tokens": ref.calibration_tokens}

@@ -96,9 +96,15 @@ class ReferenceZOAct(_Reference):
         self.capture = {}
         self.mean_loss(idx)
         acts, self.capture = self.capture, None
+        self.gap_rel: dict[str, float] = {}  # min distance of a kept eigenvalue to any other, / the largest
+        self.calibration_tokens = 0
         for name, xs in acts.items():
             h = torch.cat(xs)
+            self.calibration_tokens = h.shape[0]
             evals, evecs = torch.linalg.eigh(h.T @ h)
+            kept = evals[-self.rank:]
+            gaps = (kept[:, None] - evals[None, :]).abs() + torch.eye(len(evals))[-self.rank:] * float(evals[-1])
+            self.gap_rel[name] = float(gaps.min() / evals[-1])
             top, lam = evecs[:, -self.rank:].flip(1), evals[-self.rank:].flip(0)
             top = top * torch.sign(top[top.abs().argmax(0), torch.arange(self.rank)])
             self.V[name] = (top / (lam / h.shape[0]).sqrt() if scale == "unit_rms" else top).float()

@@ -2,13 +2,16 @@
 plain-PyTorch computation of the method's math, tests/reference.py)."""
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, launch, read_metrics, run_group, step_records, tiny_config
+from compare import assert_steps_close, assert_tensors_rms_close
+from conftest import OTHER_KERNELS, REPO, launch, read_metrics, run_group, step_records, tiny_config
+from tolerances import TINY_FORWARD_REL, Trajectory, assert_meaningful, gaussian_rms
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
@@ -17,8 +20,10 @@ METHODS = {
     "mezo": {"method.name": "mezo", "method.zo_eps": 1e-2, "optim": "sgd", "learning_rate": 1e-2},
     "lozo": {"method.name": "lozo", "method.zo_eps": 1e-2, "method.rank": 2, "method.lazy_interval": 2,
              "optim": "sgd", "learning_rate": 1e-2},
+    # lr 1e-3: AGZO's one-sided g has twice the rounding error of a two-sided one and its direction carries the
+    # activations' rounding; at 1e-2 the feedback into step 1's loss puts g's sign within its rounding bound.
     "agzo": {"method.name": "agzo", "method.zo_eps": 1e-2, "method.rank": 1, "method.power_iters": 3,
-             "optim": "sgd", "learning_rate": 1e-2},
+             "optim": "sgd", "learning_rate": 1e-3},
     "lozo_m": {"method.name": "lozo_m", "method.zo_eps": 1e-2, "method.rank": 2, "method.lazy_interval": 2,
                "method.momentum": 0.9, "optim": "sgd", "learning_rate": 1e-2},
 }
@@ -36,9 +41,9 @@ def _cfg(tiny_model, tiny_data, out, method, n_ranks):
 def method_runs(request, tiny_model, tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     out = {}
-    for n in (1, 2):
+    for n in (1, 2):  # the 2-rank run on the scalar kernels: I1 also compares two kinds of CPU kernels
         cfg = _cfg(tiny_model, tiny_data, root / f"r{n}", request.param, n)
-        launch(cfg, n)
+        launch(cfg, n, env=OTHER_KERNELS if n == 2 else None)
         out[f"r{n}"] = root / f"r{n}"
     return request.param, out
 
@@ -47,16 +52,46 @@ def _trained(run):
     return load_file(str(run / "trainable.safetensors"))
 
 
-def _close(a, b, atol=1e-6):
-    ta, tb = _trained(a), _trained(b)
-    assert ta.keys() == tb.keys() and ta
-    for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=atol, msg=lambda m: f"{k}: {m}")
+def tolerance(method: str, run, tiny_model) -> tuple[Trajectory, dict]:
+    """Two runs of `method` (SGD) that round differently, compared normwise per tensor by the rms of z over it:
+    Gaussian for MeZO and the 1-D tensors; LOZO's U Vᵀ: E[z²] = rank·rms(u)²·rms(v)²; AGZO's R Aᵀ with A
+    orthonormal (n columns): ‖R Aᵀ‖_F = ‖R‖_F, so rms = √(rank/n)·rms(r). AGZO's A comes from this step's
+    activations: each of the power iteration's products with HᵀH carries their error twice (QR is backward
+    stable), so A is off by ≤ 2·(power_iters + 1)·2·forward_rel. Returns the trajectory and each tensor's bound."""
+    cfg = yaml.safe_load((run.parent / f"{run.name}.yaml").read_text())
+    m, trained = cfg["method"], _trained(run)
+    rank = m.get("rank", 1)
+
+    def z_rms(t):
+        if method == "mezo" or t.dim() == 1:
+            return gaussian_rms(t.numel())
+        rows, cols = t.shape
+        if method == "agzo":
+            return math.sqrt(rank / cols) * gaussian_rms(rows * rank)
+        return math.sqrt(rank) * gaussian_rms(rows * rank) * gaussian_rms(cols * rank)
+
+    direction_rel = 2 * (m["power_iters"] + 1) * 2 * TINY_FORWARD_REL if method == "agzo" else 0.0
+    # ‖R ΔAᵀ‖_F ≤ ‖R‖_F·‖ΔA‖₂, R: rows×rank Gaussian per 2-D weight
+    r_norm = math.sqrt(sum(t.shape[0] * rank * gaussian_rms(t.shape[0] * rank) ** 2 for t in trained.values() if t.dim() == 2))
+    tol = Trajectory(step_records(run), eps=m["zo_eps"], lr=cfg["learning_rate"], update="sgd",
+                     n=sum(t.numel() for t in trained.values()), one_sided=method == "agzo",
+                     direction_rel=direction_rel, z_norm=r_norm, momentum=m.get("momentum", 0.0))
+    tol.assert_conditioned()
+    base = load_file(str(tiny_model / "model.safetensors"))
+    bounds = {k: tol.param_rms(z_rms(t)) for k, t in trained.items()}
+    for k, t in trained.items():
+        assert_meaningful(bounds[k], float((t - base[k.replace(".base.", ".")]).pow(2).mean().sqrt()), k)
+    return tol, bounds
 
 
-def test_I1_one_rank_equals_two_ranks(method_runs):
-    _, runs = method_runs
-    _close(runs["r1"], runs["r2"])
+def _close(a, b, method, tiny_model):
+    assert_tensors_rms_close(_trained(a), _trained(b), tolerance(method, a, tiny_model)[1].get)
+
+
+def test_I1_one_rank_equals_two_ranks(method_runs, tiny_model):
+    method, runs = method_runs
+    _close(runs["r1"], runs["r2"], method, tiny_model)
+    assert_steps_close(step_records(runs["r1"]), step_records(runs["r2"]), tolerance(method, runs["r1"], tiny_model)[0])
 
 
 @pytest.mark.netns
@@ -72,7 +107,7 @@ def test_I1_two_nodes_equal_one_rank(method_runs, tiny_model, tiny_data, tmp_pat
     proc = run_group(["bash", str(REPO / "launch" / "sim_cluster.sh"), "2", "1", "dszo/train.py", "--config",
                       str(cfg_path)], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    _close(runs["r1"], tmp_path / "n2")
+    _close(runs["r1"], tmp_path / "n2", method, tiny_model)
 
 
 def test_I2_equals_plain_pytorch_reference(method_runs, tiny_model):
@@ -92,15 +127,11 @@ def test_I2_equals_plain_pytorch_reference(method_runs, tiny_model):
         ref = ReferenceLOZO(tiny_model, **common, rank=m["rank"], lazy_interval=m["lazy_interval"],
                             momentum=m.get("momentum", 0.0))
         final = ref.weights
-    for t, rec in enumerate(step_records(runs["r2"])):
-        r = ref.step(t, GLOBAL_BATCH)
-        assert rec["loss_plus"] == pytest.approx(r["loss_plus"], rel=1e-5)
-        assert rec["loss_minus"] == pytest.approx(r["loss_minus"], rel=1e-5)
-        assert rec["proj_grad"] == pytest.approx(r["proj_grad"], rel=2e-3, abs=2e-4)
+    tol, bounds = tolerance(method, runs["r2"], tiny_model)
+    assert_steps_close(step_records(runs["r2"]), [ref.step(t, GLOBAL_BATCH) for t in range(STEPS)], tol)
     trained = _trained(runs["r2"])
     assert set(trained) == set(final)
-    for name, p in final.items():
-        torch.testing.assert_close(trained[name], p.detach(), rtol=1e-5, atol=2e-6, msg=lambda s: f"{name}: {s}")
+    assert_tensors_rms_close(trained, {k: p.detach() for k, p in final.items()}, bounds.get)
 
 
 def test_training_moves_only_what_the_method_trains(method_runs, tiny_model):
@@ -122,10 +153,8 @@ def test_functional_doubled_batch_gives_the_two_forward_g(method_runs, tiny_mode
     cfg = _cfg(tiny_model, tiny_data, tmp_path / "two_fwd", method, 1)
     cfg["method"]["functional_perturbation"] = False
     launch(cfg, 1)
-    for a, b in zip(step_records(runs["r1"]), step_records(tmp_path / "two_fwd")):
-        assert a["loss_plus"] == pytest.approx(b["loss_plus"], rel=1e-6)
-        assert a["loss_minus"] == pytest.approx(b["loss_minus"], rel=1e-6)
-        assert a["proj_grad"] == pytest.approx(b["proj_grad"], rel=1e-4, abs=1e-5)
+    # The same math with another batch shape (other matmul blockings): within the rounding model.
+    assert_steps_close(step_records(runs["r1"]), step_records(tmp_path / "two_fwd"), tolerance(method, runs["r1"], tiny_model)[0])
 
 
 def test_I3_all_reduced_bytes_per_step(method_runs, tiny_model):
