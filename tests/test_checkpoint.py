@@ -21,8 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
-from conftest import REPO, free_port, launch, load_adapter, rank_env, read_metrics, step_records, tiny_config
+from compare import assert_steps_close, assert_tensors_close
+from conftest import OTHER_KERNELS, REPO, free_port, launch, load_adapter, rank_env, read_metrics, step_records, tiny_config
+from tolerances import Trajectory, assert_meaningful
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
@@ -132,22 +135,33 @@ def test_killed_rank_ends_the_job_and_relaunch_finishes(reference, tiny_model, t
 
 
 def test_resume_on_another_world_size(reference, tiny_model, tiny_data, tmp_path):
-    """The 2-rank checkpoint at step 8, resharded onto 1 rank (same global batch)."""
+    """The 2-rank checkpoint at step 8, resharded onto 1 rank (same global batch), one step on: it equals the
+    same checkpoint resumed on 2 ranks for that step. One step, because Adam's later steps from a resumed
+    state divide by g's of any size: no useful bound survives them (tests/tolerances.py)."""
     import shutil
 
-    out = tmp_path / "one"
-    out.mkdir()
-    shutil.copytree(reference / f"checkpoint-{2 * SAVE}", out / f"checkpoint-{2 * SAVE}")
-    cfg = _cfg(tiny_model, tiny_data, out, ranks=1, resume_from_checkpoint=str(out / f"checkpoint-{2 * SAVE}"))
-    launch(cfg, 1)
-    ta, tb = load_adapter(reference), load_adapter(out)
-    for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6)
-    steps = step_records(out)
-    assert [r["step"] for r in steps] == list(range(2 * SAVE + 1, STEPS + 1))
-    ref = {r["step"]: r for r in step_records(reference)}
-    for r in steps:
-        assert r["loss_plus"] == pytest.approx(ref[r["step"]]["loss_plus"], abs=1e-6)
+    last = 2 * SAVE + 1
+    runs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"r{ranks}"
+        out.mkdir()
+        shutil.copytree(reference / f"checkpoint-{2 * SAVE}", out / f"checkpoint-{2 * SAVE}")
+        cfg = _cfg(tiny_model, tiny_data, out, ranks=ranks, max_steps=last, save_steps=0,
+                   resume_from_checkpoint=str(out / f"checkpoint-{2 * SAVE}"))
+        launch(cfg, ranks, env=OTHER_KERNELS if ranks == 1 else None)  # other kernels too
+        runs[ranks] = out
+    one, two = step_records(runs[1]), step_records(runs[2])
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [last]
+    assert two[0]["loss_plus"] == next(r for r in step_records(reference) if r["step"] == last)["loss_plus"]
+    ta = load_adapter(runs[2])
+    tol = Trajectory(two, eps=cfg["method"]["zo_eps"], lr=cfg["learning_rate"], update="adam",
+                     n=sum(v.numel() for k, v in ta.items() if k.endswith(".zo_B")), adam_from_start=False)
+    tol.assert_conditioned()
+    assert_steps_close(two, one, tol)
+    shards = [load_file(str(f)) for f in sorted((reference / f"checkpoint-{2 * SAVE}").glob("rank*.safetensors"))]
+    at_ckpt = {k: torch.cat([sh[k].flatten() for sh in shards])[:t.numel()] for k, t in ta.items()}  # rank-major slices
+    assert_meaningful(tol.param(), max(float((ta[k].flatten() - at_ckpt[k]).abs().max()) for k in ta if k.endswith(".zo_B")))
+    assert_tensors_close(ta, load_adapter(runs[1]), lambda k: 0.0 if k.endswith(".zo_V") else tol.param())  # V is loaded
 
 
 def test_replay_log_rebuilds_the_trained_tensors(reference):

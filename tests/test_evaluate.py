@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import NEUTRAL, NEGATIVE, POSITIVE, launch, read_metrics, tiny_config
+from compare import assert_steps_close
+from conftest import NEUTRAL, NEGATIVE, POSITIVE, OTHER_KERNELS, launch, read_metrics, tiny_config
+from tolerances import TINY_FORWARD_REL, Trajectory, loss_atol
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 
 
-def _eval(cfg, ranks, *extra):
-    launch(cfg, ranks, script="evaluate.py", extra=list(extra))
+def _eval(cfg, ranks, *extra, env=None):
+    launch(cfg, ranks, script="evaluate.py", extra=list(extra), env=env)
     name = "eval_base_test.json"
     return json.loads((Path(cfg["output_dir"]) / name).read_text())
 
@@ -43,20 +45,29 @@ def test_multi_token_calibrated_scoring_sharded_equals_reference(tiny_model, tin
     cfg = tiny_config(tiny_model, tiny_data, tmp_path / "one", **{
         "data.candidates": [" terrible", " great great"], "data.scoring": "calibrated", "data.test_size": 21,
         "per_device_eval_batch_size": 4})
-    one = _eval(cfg, 1)
+    one = _eval(cfg, 1, env=OTHER_KERNELS)
     cfg["output_dir"] = str(tmp_path / "two")
     two = _eval(cfg, 2)
     task, enc, _, model, rows = _reference_split(cfg)
-    correct, loss = 0, 0.0
+    scores, labels = [], []
     for ex in rows:
         r = task.render(ex)
-        s = torch.tensor([_loglik(model, *enc.join(r.prompt, c)) - _loglik(model, *enc.join(r.null_prompt, c))
-                          for c in r.candidates])
-        correct += int(s.argmax()) == r.label
-        loss += float(torch.nn.functional.cross_entropy(s[None], torch.tensor([r.label])))
+        scores.append([_loglik(model, *enc.join(r.prompt, c)) - _loglik(model, *enc.join(r.null_prompt, c))
+                       for c in r.candidates])
+        labels.append(r.label)
+    scores, labels = torch.tensor(scores), torch.tensor(labels)
+    # A score: two log-likelihoods of ≤ 2 answer tokens, each token's log-probability an fp32 forward's output;
+    # two computations of it differ by ≤ 2·(2·2)·loss_atol. An example whose two scores are closer than twice
+    # that may be ranked either way; the loss (mean CE of the scores, |∂CE/∂s| ≤ 1 per score) by ≤ 2·score_atol.
+    score_atol = 2 * 4 * loss_atol(float(scores.abs().max()))
+    ties = int(((scores[:, 0] - scores[:, 1]).abs() < 2 * score_atol).sum())
+    correct = int((scores.argmax(1) == labels).sum())
+    loss = float(torch.nn.functional.cross_entropy(scores, labels))
     assert one["num_examples"] == two["num_examples"] == 21
-    assert one["accuracy"] == two["accuracy"] == correct / 21
-    assert one["loss"] == pytest.approx(loss / 21, abs=1e-5) and two["loss"] == pytest.approx(one["loss"], abs=1e-6)
+    for res in (one, two):
+        assert abs(res["accuracy"] - correct / 21) <= ties / 21
+        assert abs(res["loss"] - loss) <= 2 * score_atol
+    assert ties < 3  # the comparison is not vacuous
 
 
 def _squad_folder(path: Path) -> Path:
@@ -80,19 +91,26 @@ def test_generation_sharded_equals_hf_generate(tiny_model, tmp_path):
     cfg = tiny_config(tiny_model, _squad_folder(tmp_path / "squad"), tmp_path / "one", per_device_eval_batch_size=4)
     cfg["data"] = {"task": "squad", "path": str(tmp_path / "squad"), "loss": "lm", "dev_size": 4, "test_size": 11,
                    "max_new_tokens": 3, "stop": ["moving"]}
-    one = _eval(cfg, 1)
+    one = _eval(cfg, 1, env=OTHER_KERNELS)
     cfg["output_dir"] = str(tmp_path / "two")
     two = _eval(cfg, 2)
     task, enc, tok, model, rows = _reference_split(cfg)
     em = f1 = 0.0
+    margin = float("inf")
     for ex in rows:
         r = task.render(ex)
         ids = torch.tensor([enc.prompt_ids(r.prompt)])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
-                             pad_token_id=0)
-        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("moving")[0].strip()
+                             pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        for logits in out.scores:
+            top = logits[0].topk(2).values
+            margin = min(margin, float(top[0] - top[1]) / max(float(logits.abs().max()), 1.0))
+        text = tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).split("moving")[0].strip()
         em += exact_match(text, r.answers)
         f1 += f1_score(text, r.answers)
+    # Greedy decoding is exact across kernels only if no step's top-2 logits are within two computations'
+    # rounding of each other: then every token, and so F1/EM, are equal.
+    assert margin > 2 * 2 * TINY_FORWARD_REL, f"a greedy step is a near-tie (relative margin {margin:.1e})"
     assert one["num_examples"] == two["num_examples"] == 11
     assert one["f1"] == two["f1"] == pytest.approx(f1 / 11) and one["exact_match"] == two["exact_match"] == em / 11
     assert f1 > 0  # the check is not vacuous: some greedy answers overlap the references
@@ -103,17 +121,21 @@ def test_training_on_answer_rows_is_world_size_invariant_and_run_evaluates(tiny_
     finished run reproduces the dev accuracy the run logged, from the saved coefficients."""
     over = {"data.candidates": [" terrible terrible", " great"], "data.loss": "lm", "max_steps": 2}
     runs = {}
-    for n in (1, 2):
+    for n in (1, 2):  # the 1-rank run on the scalar kernels; the 2-rank one is re-evaluated below, exactly
         cfg = tiny_config(tiny_model, tiny_data, tmp_path / f"r{n}", per_device_train_batch_size=8 // n, **over)
-        launch(cfg, n)
+        launch(cfg, n, env=OTHER_KERNELS if n == 1 else None)
         runs[n] = [r for r in read_metrics(cfg["output_dir"]) if "event" not in r]
-    for a, b in zip(runs[1], runs[2]):
-        assert a["num_examples"] == b["num_examples"] == 8
-        assert a["loss_plus"] == pytest.approx(b["loss_plus"], abs=1e-6)
-        assert a["loss_minus"] == pytest.approx(b["loss_minus"], abs=1e-6)
-        assert a["proj_grad"] == pytest.approx(b["proj_grad"], rel=1e-5, abs=1e-6)
+    assert [r["num_examples"] for r in runs[1]] == [r["num_examples"] for r in runs[2]] == [8, 8]
+    # Step 0 runs at B = 0, so it is independent of the bases; from step 1 on the runs' bases differ by the
+    # eigengaps of this task's answer-row activations, which tests/reference.py does not compute.
+    tol = Trajectory(runs[2][:1], eps=cfg["method"]["zo_eps"], lr=cfg["learning_rate"], update="adam", n=1)
+    tol.assert_conditioned()
+    assert_steps_close(runs[1][:1], runs[2][:1], tol)
     end = json.loads((tmp_path / "r2" / "results.json").read_text())
     launch({**cfg, "output_dir": str(tmp_path / "ignored")}, 2, script="evaluate.py", with_config=False,
            extra=["--run", str(tmp_path / "r2"), "--split", "dev"])
     res = json.loads((tmp_path / "r2" / "eval_dev.json").read_text())
-    assert res["accuracy"] == end["dev_accuracy_after"] and res["loss"] == pytest.approx(end["dev_loss_after"], abs=1e-6)
+    # Same world size, kernels and batches as the run's own evaluation: the same scores, so the same accuracy;
+    # the mean loss may be summed in another order (within one fp32 loss rounding).
+    assert res["accuracy"] == end["dev_accuracy_after"]
+    assert abs(res["loss"] - end["dev_loss_after"]) <= loss_atol(end["dev_loss_after"])

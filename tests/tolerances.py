@@ -86,6 +86,7 @@ class Trajectory:
     direction_rel: relative error of the direction itself (AGZO's A, computed from this step's activations).
     z_norm:    ‖Δz‖₂ / direction_rel (default √n).
     momentum:  β of SGD momentum / LOZO-M: step s's g·z has moved θ by the share 1 − β^k of it k steps later.
+    adam_from_start: the records start at Adam's first step (False: from a resumed checkpoint's state).
 
     A parameter difference Δθ feeds back into later losses: for "sgd" Δθ = lr·Σ Δg_s·z_s and ∇L·z_s is the
     directional derivative g_s measured at step s (allowed to have changed by as much again since: 2·max|g|);
@@ -100,6 +101,7 @@ class Trajectory:
     z_max: float = 0.0
     z_norm: float = 0.0
     momentum: float = 0.0
+    adam_from_start: bool = True
     one_sided: bool = False
     basis_err: float = 0.0
     direction_rel: float = 0.0
@@ -123,7 +125,8 @@ class Trajectory:
             gerr = proj_grad_atol(lerr, self.eps, self.one_sided)
             self._loss.append(lerr)
             self._g.append(gerr)
-            if self.update == "adam" and t > 0:  # the step mixes every g so far: the largest relative error counts
+            if self.update == "adam" and (t > 0 or not self.adam_from_start):
+                # the step mixes every g so far: the largest relative error counts
                 delta = max(delta, gerr / max(gs[t], 1e-30), self._g[0] / max(gs[0], 1e-30))
                 param += self.lr * 2 * min(delta, 1.0)
             param += U * abs(self.lr)  # the update's own rounding
