@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 U = 2.0 ** -24  # fp32 unit roundoff
 LAMBDA = 5.0    # tail factor: 2·exp(−λ²/2) = 7.5e-6 chance that one value exceeds its bound
 
@@ -178,3 +180,35 @@ def basis_atol(gap_rel: float, tokens: int, forward_rel: float = TINY_FORWARD_RE
     """ZO-Act's V: Σ h hᵀ from activations off by forward_rel each (2× in a product) summed over `tokens` rows,
     then an eigendecomposition in fp64 (exact next to fp32); Davis–Kahan turns that into an eigenvector error."""
     return eigvec_atol(2 * forward_rel + reduction_rel(tokens), gap_rel)
+
+
+# Backprop: every gradient element passes the forward's reductions and their transposes.
+TINY_BACKWARD_REL = forward_rel(64, 2 * (8 * 2 + 3))
+
+
+def first_order_bounds(steps: list[dict], start: dict, lr: float, momentum: float,
+                       backward_rel: float = TINY_BACKWARD_REL) -> list[dict]:
+    """Normwise bounds on ‖Δθ‖₂ (all trainable tensors together) after each backprop step of torch's SGD with
+    momentum (buf ← β·buf + g, θ ← θ − lr·buf), for two runs that round differently, from an exact reference's
+    trajectory: steps[t] = {"loss", "grads": {name: g_t}, "params": {name: θ after step t}}, `start` = θ before
+    step 0. The gradient is off by 2·backward_rel·‖g‖₂ (normwise rounding), plus its response to the parameter
+    difference, ‖H·Δθ‖ ≤ λ·κ·‖Δθ‖ with κ the largest secant ‖Δg‖/‖Δθ‖ of the reference's own steps so far (‖H‖
+    along the trajectory; λ for other directions). The update is linear in the error. The loss moves by
+    ≤ ‖∇L‖·‖Δθ‖. Adam has no such bound: it divides each element by its own gradient, so an element whose
+    gradient is within rounding of 0 may step by ±lr either way. Returns per step {"loss", "param"}."""
+    names = list(start)
+    norm = lambda d: math.sqrt(sum(float((t.double() ** 2).sum()) for t in d.values()))  # noqa: E731
+    dtheta = buf = curvature = 0.0
+    out = []
+    for t, s in enumerate(steps):
+        gnorm = norm(s["grads"])
+        loss = 2 * loss_atol(s["loss"]) + gnorm * dtheta
+        if t > 0:
+            before, earlier = steps[t - 1]["params"], (steps[t - 2]["params"] if t > 1 else start)
+            moved = norm({n: before[n] - earlier[n] for n in names})
+            curvature = max(curvature, norm({n: s["grads"][n] - steps[t - 1]["grads"][n] for n in names}) / moved)
+        err = 2 * backward_rel * gnorm + LAMBDA * curvature * dtheta
+        buf = momentum * buf + err
+        dtheta = dtheta + lr * buf + U * norm(s["params"])  # and the update's own rounding
+        out.append({"loss": loss, "param": dtheta})
+    return out
