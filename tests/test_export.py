@@ -5,6 +5,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import launch, tiny_config
+from tolerances import TINY_FORWARD_REL
 
 import pytest
 
@@ -36,6 +37,9 @@ def test_peft_adapter_and_merged_model_give_the_run_logits(tiny_model, tiny_data
         peft_logits = PeftModel.from_pretrained(base, str(run / "export" / "peft")).eval()(input_ids=ids).logits
         merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32).eval()
         merged_logits = merged(input_ids=ids).logits
-    assert not torch.allclose(plain, ref, atol=1e-4)  # the adapter changes the output
-    torch.testing.assert_close(peft_logits, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(merged_logits, ref, atol=1e-5, rtol=1e-5)
+    # The same forward with the adapter applied by another route (PEFT's layers; W + B Vᵀ merged): two fp32
+    # computations of the tiny Llama's logits.
+    allowed = 2 * TINY_FORWARD_REL * max(float(ref.abs().max()), 1.0)
+    assert float((plain - ref).abs().max()) > 10 * allowed  # the adapter changes the output: not vacuous
+    torch.testing.assert_close(peft_logits, ref, atol=allowed, rtol=0)
+    torch.testing.assert_close(merged_logits, ref, atol=allowed, rtol=0)

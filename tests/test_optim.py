@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dszo.optim import ShardOptimizer, lr_at
+from tolerances import U
 
 
 @pytest.mark.parametrize("kind,wd", [("adam", 0.0), ("adam", 0.1), ("momentum", 0.0), ("sgd", 0.01)])
@@ -24,7 +25,9 @@ def test_sharded_update_matches_torch_optim(kind, wd):
         ref.grad = g.clone()
         opt.step()
         sopt.step({"a": (shards[0], g[:20]), "b": (shards[1], g[20:])}, lr=0.05)
-    torch.testing.assert_close(mine, ref.detach(), rtol=1e-6, atol=1e-7)
+    # Same inputs, other operation order: each step's update rounds ≤ 8 times (moments, sqrt, bias corrections,
+    # division, lr, weight decay, subtraction), relative to the parameter's magnitude.
+    torch.testing.assert_close(mine, ref.detach(), rtol=0, atol=5 * 8 * U * float(ref.detach().abs().max()))
 
 
 def test_lr_schedules():
