@@ -140,16 +140,7 @@ def run_group(cmd: list[str], timeout: int, **kwargs) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str] = (), timeout: int = 300,
-           check: bool = True, script: str = "train.py", with_config: bool = True,
-           env: dict | None = None) -> subprocess.CompletedProcess:
-    """Launch `script` on `n_ranks` real ranks; `env`: extra environment for them (e.g. OTHER_KERNELS)."""
-    out = Path(cfg["output_dir"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path = out.parent / f"{out.name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    script = [str(REPO / "dszo" / script), *(["--config", str(cfg_path)] if with_config else []), *extra]
-    bindir = Path(sys.executable).parent
+def _launch_once(script: list[str], n_ranks: int, launcher: str, bindir: Path, timeout: int, env: dict | None):
     port = str(free_port())
     if launcher == "deepspeed":
         cmd = [str(bindir / "deepspeed"), "--num_gpus", str(n_ranks), "--master_port", port, *script]
@@ -162,7 +153,23 @@ def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str
         cmd = [sys.executable, *script]
     else:
         raise ValueError(launcher)
-    proc = run_group(cmd, timeout=timeout, env=rank_env(**(env or {})))
+    return run_group(cmd, timeout=timeout, env=rank_env(**(env or {}))), port
+
+
+def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str] = (), timeout: int = 300,
+           check: bool = True, script: str = "train.py", with_config: bool = True,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Launch `script` on `n_ranks` real ranks; `env`: extra environment for them (e.g. OTHER_KERNELS)."""
+    out = Path(cfg["output_dir"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path = out.parent / f"{out.name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    script = [str(REPO / "dszo" / script), *(["--config", str(cfg_path)] if with_config else []), *extra]
+    bindir = Path(sys.executable).parent
+    for _ in range(3):  # free_port() releases the port before the launcher binds it: another process may win
+        proc, port = _launch_once(script, n_ranks, launcher, bindir, timeout, env)
+        if proc.returncode == 0 or "Address already in use" not in proc.stderr:
+            break
     # Nothing a run set up may outlive it in /dev/shm (DeepSpeed's CPU all-reduce buffers did: 67 MB per rank).
     leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     assert not leaked, f"run left shared-memory segments behind: {leaked}"

@@ -125,7 +125,10 @@ def test_killed_rank_ends_the_job_and_relaunch_finishes(reference, tiny_model, t
     proc.communicate(timeout=120)
     elapsed = time.time() - tic
     assert proc.returncode != 0
-    assert elapsed < 60, f"the job took {elapsed:.0f} s to exit after a rank died"
+    # A dead peer is noticed at the latest when the next collective times out (ddp_timeout); then the launcher
+    # tears the other ranks down. No machine-speed assumption beyond that.
+    limit = cfg["ddp_timeout"] + 30
+    assert elapsed < limit, f"the job took {elapsed:.0f} s to exit after a rank died (limit {limit} s)"
     print(f"killed rank -> job exit: {elapsed:.1f} s")
     assert (tmp_path / "run" / "latest").exists()
     _resume(cfg)
