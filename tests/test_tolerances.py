@@ -46,7 +46,7 @@ def test_trajectory_grows_with_the_steps_and_adam_saturates():
     sgd = Trajectory(recs, eps=1e-2, lr=1e-2, update="sgd", n=100, z_max=gaussian_max(100))
     assert sgd.loss(0) == 2 * loss_atol(0.70) and sgd.proj_grad(0) == proj_grad_atol(2 * loss_atol(0.70), 1e-2)
     assert sgd.loss(0) < sgd.loss(1) < sgd.loss(2)
-    assert sgd.param() == pytest.approx(sum(1e-2 * sgd.proj_grad(t) * gaussian_max(100) + U * 1e-2 for t in range(3)))
+    assert sgd.param() == pytest.approx(sum(1e-2 * sgd.proj_grad(t) * gaussian_max(100) + U for t in range(3)))
     assert sgd.param_rms(gaussian_max(100)) == pytest.approx(sgd.param())
     sgd.assert_conditioned()
     assert_meaningful(sgd.param(), moved=3 * 1e-2 * 0.5 * gaussian_max(100))
@@ -54,13 +54,13 @@ def test_trajectory_grows_with_the_steps_and_adam_saturates():
         assert_meaningful(sgd.param(), moved=sgd.param())
     momentum = Trajectory(recs, eps=1e-2, lr=1e-2, update="sgd", n=100, z_max=1.0, momentum=0.9)
     assert momentum.param_rms(1.0) == pytest.approx(1e-2 * sum((1 - 0.9 ** (3 - s)) * momentum.proj_grad(s)
-                                                               for s in range(3)) + 3 * U * 1e-2)
+                                                               for s in range(3)) + 3 * U)
     adam = Trajectory(recs, eps=1e-2, lr=1e-3, update="adam", n=10)
     # step 0 moves by lr·sign(g·z) only; steps 1, 2 by ≤ 2·lr·δ_t
-    assert adam.param() == pytest.approx(2e-3 * (adam.proj_grad(1) + adam.proj_grad(2)) / 0.5 + 3 * U * 1e-3)
+    assert adam.param() == pytest.approx(2e-3 * (adam.proj_grad(1) + adam.proj_grad(2)) / 0.5 + 3 * U)
     tiny_g = Trajectory([{"loss_plus": 0.7, "loss_minus": 0.7, "proj_grad": 1e-12}] * 3, eps=1e-2, lr=1e-3,
                         update="adam", n=10)
-    assert tiny_g.param() == pytest.approx(2 * 2 * 1e-3, rel=1e-6)  # |Δ(m̂/√v̂)| ≤ 2 per step, whatever g
+    assert tiny_g.param() == pytest.approx(2 * 2 * 1e-3 + 3 * U)  # |Δ(m̂/√v̂)| ≤ 2 per step, whatever g
     with pytest.raises(AssertionError, match="ill-conditioned"):
         tiny_g.assert_conditioned()
     assert gaussian_max(10**6) > math.sqrt(2 * math.log(10**6))

@@ -89,6 +89,8 @@ class Trajectory:
     z_norm:    ‖Δz‖₂ / direction_rel (default √n).
     momentum:  β of SGD momentum / LOZO-M: step s's g·z has moved θ by the share 1 − β^k of it k steps later.
     adam_from_start: the records start at Adam's first step (False: from a resumed checkpoint's state).
+    theta_max: bound on |θ| (each update rounds by u·|θ|); 1 for the tiny models: norm scales start at 1,
+               linear weights at N(0, 0.02²), ZO-Act's B at 0 and moves by ≤ 2·lr per step.
 
     A parameter difference Δθ feeds back into later losses: for "sgd" Δθ = lr·Σ Δg_s·z_s and ∇L·z_s is the
     directional derivative g_s measured at step s (allowed to have changed by as much again since: 2·max|g|);
@@ -104,6 +106,7 @@ class Trajectory:
     z_norm: float = 0.0
     momentum: float = 0.0
     adam_from_start: bool = True
+    theta_max: float = 1.0
     one_sided: bool = False
     basis_err: float = 0.0
     direction_rel: float = 0.0
@@ -131,13 +134,13 @@ class Trajectory:
                 # the step mixes every g so far: the largest relative error counts
                 delta = max(delta, gerr / max(gs[t], 1e-30), self._g[0] / max(gs[0], 1e-30))
                 param += self.lr * 2 * min(delta, 1.0)
-            param += U * abs(self.lr)  # the update's own rounding
+            param += U * self.theta_max  # the update's own rounding
             self._param.append(param)
         if self.update == "sgd":
             steps = len(self.records)
             per_step = [weight(steps - s) * (self._g[s] + gs[s] * self.direction_rel) for s in range(steps)]
             self._sgd_sum = self.lr * sum(per_step)
-            self._param[-1] = self._sgd_sum * self.z_max + steps * U * abs(self.lr)
+            self._param[-1] = self._sgd_sum * self.z_max + steps * U * self.theta_max
 
     def loss(self, t: int) -> float:
         """Allowed |ΔL±| at step t (0-based)."""
@@ -154,7 +157,7 @@ class Trajectory:
 
     def param_rms(self, z_rms: float) -> float:
         """"sgd": allowed root-mean-square of Δθ over a tensor whose directions have rms ≤ z_rms."""
-        return self._sgd_sum * z_rms + len(self.records) * U * abs(self.lr)
+        return self._sgd_sum * z_rms + len(self.records) * U * self.theta_max
 
     def assert_conditioned(self) -> None:
         """Every g's sign is certain. When a change to the code or the test makes a step ill-conditioned
