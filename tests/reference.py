@@ -96,12 +96,12 @@ class ReferenceZOAct(_Reference):
         self.capture = {}
         self.mean_loss(idx)
         acts, self.capture = self.capture, None
-        self.gap_rel: dict[str, float] = {}  # min distance of a kept eigenvalue to any other, / the largest
-        self.calibration_tokens = 0
+        self.gap_rel: dict[str, float] = {}      # min distance of a kept eigenvalue to any other, / the largest
+        self.trace_ratio: dict[str, float] = {}  # tr Σ / λ_max
         for name, xs in acts.items():
             h = torch.cat(xs)
-            self.calibration_tokens = h.shape[0]
             evals, evecs = torch.linalg.eigh(h.T @ h)
+            self.trace_ratio[name] = float(evals.sum() / evals[-1])
             kept = evals[-self.rank:]
             gaps = (kept[:, None] - evals[None, :]).abs() + torch.eye(len(evals))[-self.rank:] * float(evals[-1])
             self.gap_rel[name] = float(gaps.min() / evals[-1])

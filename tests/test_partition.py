@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from conftest import OTHER_KERNELS, REPO, launch, load_adapter, rank_env, read_metrics, run_group, step_records, tiny_config
-from test_distributed import GLOBAL_BATCH, STEPS, _assert_same_coefficients, _can_make_netns
+from compare import assert_same_zo_act_runs
+from test_distributed import GLOBAL_BATCH, STEPS, _can_make_netns
 
 
 def test_first_order_refuses_a_node_partition():
@@ -64,7 +65,7 @@ def test_node_partition_is_exact_and_only_scalars_cross_nodes(cluster_runs, tiny
     assert setup["partition"] == {"mode": "node", "num_nodes": 2, "group_size": 2}
     total = sum(v.numel() for k, v in load_adapter(run).items() if k.endswith(".zo_B"))
     assert setup["trainable_elements_local"] == total // 2  # sharded over the node's 2 ranks, one copy per node
-    _assert_same_coefficients(cluster_runs["r1"], run, zo_act_spectrum)  # I1
+    assert_same_zo_act_runs(cluster_runs["r1"], run, zo_act_spectrum)  # I1
     gathers = _gather_bytes(tiny_model, run, 2)
     for rec in step_records(run):
         assert rec["comm"]["bytes"]["all_reduce"] == 4 * 8
@@ -77,7 +78,7 @@ def test_node_partition_is_exact_and_only_scalars_cross_nodes(cluster_runs, tiny
 def test_world_partition_gathers_across_nodes(cluster_runs, tiny_model, zo_act_spectrum):
     run = cluster_runs["world"]
     assert _setup(run)["partition"] == {"mode": "world", "num_nodes": 2, "group_size": 4}
-    _assert_same_coefficients(cluster_runs["r1"], run, zo_act_spectrum)
+    assert_same_zo_act_runs(cluster_runs["r1"], run, zo_act_spectrum)
     gathers = _gather_bytes(tiny_model, run, 4)
     for rec in step_records(run):
         assert rec["comm"]["reach"] == {"spans_nodes": 4 * 8 + gathers}, rec["comm"]

@@ -13,26 +13,19 @@ import sys
 
 import pytest
 import torch
-import yaml
 
-from compare import assert_steps_close, assert_tensors_close
-from conftest import OTHER_KERNELS, launch, load_adapter, read_metrics, step_records, tiny_config
-from tolerances import assert_meaningful, forward_rel
+from compare import assert_matches_reference, assert_same_zo_act_runs, quantization_config
+from conftest import OTHER_KERNELS, launch, load_adapter, read_metrics, tiny_config
+from test_distributed import GLOBAL_BATCH
+from tolerances import forward_rel
 
 KINDS = ["nf4", "fp4", "int8"]
-from test_distributed import GLOBAL_BATCH, STEPS, _assert_same_coefficients, zo_act_tolerance
-
+# One step (two separate forwards after calibration): on the 4-bit bases the second step's g is small enough
+# that Adam's step is near its rounding bound (tests/tolerances.py), which would leave no useful bound on B.
+STEPS = 1
 
 # A quantized forward adds one rounding per weight (dequantization: code × absmax) to each layer's path.
 QUANT_FORWARD_REL = forward_rel(64, 8 * 2 + 3 + 2)
-
-
-def _quantization_config(kind):
-    from transformers import BitsAndBytesConfig
-
-    return (BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32,
-                               bnb_4bit_quant_storage=torch.float32))
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -47,9 +40,10 @@ def q_runs(request, tiny_model, tiny_data, tmp_path_factory):
         launch(cfg, n, env=OTHER_KERNELS if n == 2 else None)
     m = cfg["method"]
     ref = ReferenceZOAct(tiny_model, cfg["data"], rank=m["rank"], seed=cfg["seed"], eps=m["zo_eps"],
-                         lr=cfg["learning_rate"], quantization=_quantization_config(request.param))
+                         lr=cfg["learning_rate"], quantization=quantization_config(request.param))
+    assert any(type(p).__name__ in ("Params4bit", "Int8Params") for p in ref.model.parameters())
     v = ref.compute_bases(m["num_calibration"])
-    return request.param, root, {"V": v, "gap_rel": ref.gap_rel, "tokens": ref.calibration_tokens}
+    return request.param, root, {"V": v, "gap_rel": ref.gap_rel, "trace_ratio": ref.trace_ratio}
 
 
 def _setup(run):
@@ -59,33 +53,20 @@ def _setup(run):
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_quantized_I1_one_rank_equals_two_ranks(q_runs):
+    """Bases within Davis–Kahan of each other, step 0 directly, and (the next test) each run held to the plain
+    quantized model with the reference's hooks on its own basis."""
     _, root, spectrum = q_runs
-    _assert_same_coefficients(root / "r1", root / "r2", spectrum, QUANT_FORWARD_REL)
-    b = load_adapter(root / "r2")
-    assert any(float(v.abs().max()) > 0 for k, v in b.items() if k.endswith(".zo_B"))
+    assert_same_zo_act_runs(root / "r1", root / "r2", spectrum, QUANT_FORWARD_REL)
 
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_quantized_zero3_forwards_equal_single_process_quantized_model(q_runs, tiny_model):
-    from reference import ReferenceZOAct
-
-    kind, root, spectrum = q_runs
+def test_quantized_zero3_forwards_equal_single_process_quantized_model(q_runs):
+    """Every step's L+ and L- are separate forwards after calibration: a gather that lost bitsandbytes' CPU
+    repacking would show from the second on. Both runs, each on its own basis."""
+    _, root, _ = q_runs
     for run in (root / "r1", root / "r2"):  # 1 rank on this machine's kernels, 2 ranks on the scalar ones
-        cfg = yaml.safe_load((root / f"{run.name}.yaml").read_text())
-        m = cfg["method"]
-        ref = ReferenceZOAct(tiny_model, cfg["data"], rank=m["rank"], seed=cfg["seed"], eps=m["zo_eps"],
-                             lr=cfg["learning_rate"], quantization=_quantization_config(kind))
-        assert any(type(p).__name__ in ("Params4bit", "Int8Params") for p in ref.model.parameters())
-        trained = load_adapter(run)
-        ref.V = {n: trained[f"{n}.zo_V"] for n in ref.layers}
-        tol = zo_act_tolerance(run, forward_rel=QUANT_FORWARD_REL)
-        tol.assert_conditioned()
-        assert_meaningful(tol.param(), max(float(v.abs().max()) for k, v in trained.items() if k.endswith(".zo_B")), "B")
-        # two forwards per step, each compared
-        assert_steps_close(step_records(run), [ref.step(t, GLOBAL_BATCH) for t in range(STEPS)], tol)
-        assert_tensors_close({f"{n}.zo_B": b.detach() for n, b in ref.B.items()},
-                             {k: v for k, v in trained.items() if k.endswith(".zo_B")}, tol.param())
+        assert_matches_reference(run, QUANT_FORWARD_REL)
 
 
 @pytest.mark.multirank

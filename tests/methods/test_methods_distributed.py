@@ -54,10 +54,12 @@ def _trained(run):
 
 def tolerance(method: str, run, tiny_model) -> tuple[Trajectory, dict]:
     """Two runs of `method` (SGD) that round differently, compared normwise per tensor by the rms of z over it:
-    Gaussian for MeZO and the 1-D tensors; LOZO's U Vᵀ: E[z²] = rank·rms(u)²·rms(v)²; AGZO's R Aᵀ with A
-    orthonormal (n columns): ‖R Aᵀ‖_F = ‖R‖_F, so rms = √(rank/n)·rms(r). AGZO's A comes from this step's
+    Gaussian for MeZO and the 1-D tensors; LOZO's U Vᵀ: z_ij = Σ_k u_ik·v_jk, so by Cauchy–Schwarz
+    rms(z) ≤ rank·rms(u)·rms(v); AGZO's R Aᵀ, A (n×rank) with orthonormal columns: ‖R Aᵀ‖_F = ‖R‖_F, so
+    rms = √(rank/n)·rms(r). AGZO's A comes from this step's
     activations: each of the power iteration's products with HᵀH carries their error twice (QR is backward
-    stable), so A is off by ≤ 2·(power_iters + 1)·2·forward_rel. Returns the trajectory and each tensor's bound."""
+    stable), so A is off by ≤ 2·(power_iters + 1)·2·forward_rel -- an estimate that assumes the iteration is not
+    near a tie between its leading directions. Returns the trajectory and each tensor's bound."""
     cfg = yaml.safe_load((run.parent / f"{run.name}.yaml").read_text())
     m, trained = cfg["method"], _trained(run)
     rank = m.get("rank", 1)
@@ -68,7 +70,7 @@ def tolerance(method: str, run, tiny_model) -> tuple[Trajectory, dict]:
         rows, cols = t.shape
         if method == "agzo":
             return math.sqrt(rank / cols) * gaussian_rms(rows * rank)
-        return math.sqrt(rank) * gaussian_rms(rows * rank) * gaussian_rms(cols * rank)
+        return rank * gaussian_rms(rows * rank) * gaussian_rms(cols * rank)
 
     direction_rel = 2 * (m["power_iters"] + 1) * 2 * TINY_FORWARD_REL if method == "agzo" else 0.0
     # ‖R ΔAᵀ‖_F ≤ ‖R‖_F·‖ΔA‖₂, R: rows×rank Gaussian per 2-D weight

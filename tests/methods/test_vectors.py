@@ -5,7 +5,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from dszo.methods.vectors import PerturbedNorm, VectorPerturbation, perturb_bias, unsupported_vectors, wrap_norms
-from tolerances import reduction_rel
+from tolerances import U, reduction_rel
 
 
 def _in_place(module, param, z, eps, x):
@@ -46,8 +46,9 @@ def test_perturbed_norm_equals_perturbed_scale_and_shift(kind):
             want = plain(x)
             for n, p in params.items():
                 p.copy_(orig[n])
-        # the same norm of x, then (w ± εz)·n vs w·n ± εz·n: a reduction of 16 terms and one extra rounding
-        torch.testing.assert_close(half, want, rtol=0, atol=2 * reduction_rel(16) * float(want.abs().max()))
+        # The norm's 16-term reduction on a doubled vs a single batch (kernels may block them differently), then
+        # (w ± εz)·n vs w·n ± εz·n: one rounding more
+        torch.testing.assert_close(half, want, rtol=0, atol=2 * (reduction_rel(16) + U) * float(want.abs().max()))
 
 
 def test_bias_perturbation_and_one_sided_sign():
