@@ -10,6 +10,7 @@ cd "$ROOT"
 OUT=benchmarks/results/cpu_matrix.jsonl
 LOGS=benchmarks/results/cpu_matrix_logs
 mkdir -p "$LOGS"
+[ -x .venv/bin/python ] || { echo "cpu_matrix: no .venv here: run bash launch/setup.sh first" >&2; exit 2; }
 caps=(default avx2)
 grep -q avx512f /proc/cpuinfo && caps+=(avx512)
 settings=("$@")
