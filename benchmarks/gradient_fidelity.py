@@ -1,7 +1,7 @@
 """Gradient fidelity: cosine between each method's one-direction estimate and the backprop gradient.
 
 On SmolLM2-135M and one batch of the bundled task (the first training step's 16 examples), for each method
-and rank r: the method's own code (one process, dszo.engine.LocalRuntime) takes one SGD step with lr = 1 from
+and rank r: the method's own code (one process, dszo.zero.LocalRuntime) takes one SGD step with lr = 1 from
 the same starting point, so the change of its trainable tensors is exactly its estimate ĝ; the tensors are
 restored and this is repeated for `--seeds` directions (steps t = 0..seeds-1: new Z, new LOZO V -- lazy
 interval 1 --, new AGZO start). The backprop gradient ∇ of the same mean loss in the same parameterisation
@@ -34,7 +34,7 @@ from benchmarks.common import environment  # noqa: E402
 from dszo.assets import resolve_model_path  # noqa: E402
 from dszo.config import load_config  # noqa: E402
 from dszo.data import EncodedSplit, PromptEncoder, StepSampler  # noqa: E402
-from dszo.engine import LocalRuntime  # noqa: E402
+from dszo.zero import LocalRuntime  # noqa: E402
 from dszo.methods import get_method  # noqa: E402
 from dszo.scoring import Scorer  # noqa: E402
 from dszo.tasks import get_task, load_splits  # noqa: E402

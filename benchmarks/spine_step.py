@@ -29,8 +29,9 @@ from benchmarks.common import environment, peak_rss_mb, reset_peak_rss  # noqa: 
 from dszo import comm  # noqa: E402
 from dszo.config import load_config, parse_overrides  # noqa: E402
 from dszo.data import StepSampler  # noqa: E402
-from dszo.quantization import quantized_bytes  # noqa: E402
-from dszo.train import _fix_glibc_mmap_threshold, build  # noqa: E402
+from dszo.assembly import build_run  # noqa: E402
+from dszo.cli import fix_glibc_mmap_threshold  # noqa: E402
+from dszo.zero import quantized_bytes  # noqa: E402
 
 
 def timed(fn, reps):
@@ -49,7 +50,7 @@ def main():
     p.add_argument("--out", default="benchmarks/results/spine_step.json")
     p.add_argument("--local_rank", type=int, default=None)
     a, rest = p.parse_known_args()
-    _fix_glibc_mmap_threshold()
+    fix_glibc_mmap_threshold()
     comm.map_launcher_env()
     comm.set_cpu_threads()
     over = parse_overrides(rest)
@@ -58,7 +59,8 @@ def main():
     cfg = load_config(a.config, over)
     comm.init(cfg.ddp_timeout)
     tic = time.perf_counter()
-    _, train, method, rt, _ = build(cfg, cfg.seed)
+    run = build_run(cfg, cfg.seed)
+    train, method, rt = run.train_split, run.method, run.runtime
     setup_s = time.perf_counter() - tic
     world, micro = comm.world_size(), cfg.per_device_train_batch_size
     sampler = StepSampler(len(train), micro * world, cfg.seed)

@@ -111,19 +111,10 @@ def _drop_gguf_quantization_config(path: Path) -> None:
 
 
 def prebuild_ops() -> None:
-    set_default_extension_dir()
-    from deepspeed.accelerator import get_accelerator
+    from dszo.comm import prebuild_shm_op
 
-    acc = get_accelerator()
-    if acc.device_name() != "cpu":
-        print(f"[assets] accelerator {acc.device_name()}: no CPU comm op to prebuild")
-        return
-    builder = acc.create_op_builder("ShareMemCommBuilder")
-    if builder is None:
-        print("[assets] this DeepSpeed has no shared-memory comm op; nothing to build")
-        return
-    builder.load(verbose=False)
-    print(f"[assets] DeepSpeed {builder.NAME} op ready in {os.environ['TORCH_EXTENSIONS_DIR']}")
+    set_default_extension_dir()
+    prebuild_shm_op()
 
 
 def rotten_tomatoes_file() -> Path:

@@ -12,6 +12,7 @@ meta.json, renames the folder and points `latest` at it (write-then-rename), the
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -20,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from dszo.methods.base import Shard
+from dszo import comm
+from dszo.methods.base import Partition
 
 FORMAT = 1
 LATEST = "latest"
@@ -38,7 +40,7 @@ def step_dir(out: Path, step: int) -> Path:
     return out / f"checkpoint-{step}"
 
 
-def write_rank(tmp: Path, rank: int, world: int, entries: dict[str, Shard]) -> None:
+def write_rank(tmp: Path, rank: int, world: int, entries: dict[str, Partition]) -> None:
     from safetensors.torch import save_file
 
     index = {n: [s.start, s.end, list(s.shape)] for n, s in entries.items()}
@@ -153,12 +155,29 @@ class Reader:
             out[lo - start:hi - start] = part
         return out if out is not None else torch.empty(0)
 
-    def load_into(self, shard: Shard, name: Optional[str] = None) -> None:
-        name = name or shard.name
-        if name in self.index and self.shape(name) != tuple(shard.shape):
-            raise CheckpointError(f"{self.path}: {name} has shape {self.shape(name)}, the model's is {shard.shape}; "
+    def load_into(self, part: Partition, name: Optional[str] = None) -> None:
+        name = name or part.name
+        if name in self.index and self.shape(name) != tuple(part.shape):
+            raise CheckpointError(f"{self.path}: {name} has shape {self.shape(name)}, the model's is {part.shape}; "
                                   "the checkpoint comes from another model or method config")
-        shard.local.copy_(self.read(name, shard.start, shard.end).to(shard.local.dtype))
+        part.local.copy_(self.read(name, part.start, part.end).to(part.local.dtype))
+
+
+class SavedState:
+    """What a method's load_state_dict reads: any slice of a tensor its state_dict held (from the rank files of any
+    world size), and its scalars."""
+
+    def __init__(self, reader: Reader, scalars: dict) -> None:
+        self.reader, self.scalars = reader, scalars
+
+    def names(self) -> set[str]:
+        return self.reader.names()
+
+    def read(self, name: str, start: int, end: int) -> torch.Tensor:
+        return self.reader.read(name, start, end)
+
+    def load_into(self, part: Partition) -> None:
+        self.reader.load_into(part)
 
 
 def _covered(ranges, start: int, end: int) -> bool:
@@ -170,43 +189,49 @@ def _covered(ranges, start: int, end: int) -> bool:
 
 
 def versions() -> dict:
-    import deepspeed
-    import transformers
+    from importlib.metadata import version
 
     import dszo
 
-    return {"dszo": getattr(dszo, "__version__", "0"), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__}
-
+    return {"dszo": getattr(dszo, "__version__", "0"), "torch": torch.__version__, "deepspeed": version("deepspeed"),
+            "transformers": version("transformers")}
 
 
 # ----------------------------------------------------------------------------------------------
-# What a run saves and restores (every rank; the collectives keep ranks in step and agree on failures).
+# What a run saves and restores (every rank; the collectives keep ranks in step and agree on failures). The parts
+# that own state give it through state_dict() / load_state_dict(): the method (Partitions of its tensors and
+# optimiser state, plus scalars), the trainer (run seed, config, data position) and the process' RNG.
 
 # Settings that shape the trajectory: a resume under other values would not continue the same run.
-_SAME = ("model", "data", "method", "seed", "optim", "learning_rate", "lr_scheduler_type", "warmup_steps",
-         "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "momentum")
+TRAJECTORY_KEYS = ("model", "data", "method", "seed", "optim", "learning_rate", "lr_scheduler_type", "warmup_steps",
+                   "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "momentum")
 
 
-def entries(method, rt) -> dict[str, Shard]:
-    """This rank's part of everything a resume needs: trained tensors, fixed tensors (bases), optimiser state."""
-    out = dict(method.shards)
-    out.update({n: rt.shard(n, p) for n, p in method.extra_state().items()})
-    out.update(method.state_shards())
-    return out
+class RNGState:
+    """The process' torch RNG as a checkpointed part."""
+
+    @staticmethod
+    def state_dict() -> dict:
+        return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+    @staticmethod
+    def load_state_dict(state: dict) -> None:
+        if state.get("torch"):
+            torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
 
 
-def save(out: Path, step: int, method, rt, meta: dict, keep: int) -> Path:
-    from dszo import comm
-
+def save(out: Path, step: int, method, trainer, keep: int) -> Path:
+    """This rank's Partitions of the method's state into checkpoint-<step>/, the scalars into meta.json."""
+    state = method.state_dict()
+    partitions = {n: v for n, v in state.items() if isinstance(v, Partition)}
     tmp = out / f"checkpoint-{step}.tmp"
-    problem = ""
     if comm.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     comm.barrier()
+    problem = ""
     try:
-        write_rank(tmp, comm.rank(), comm.world_size(), entries(method, rt))
+        write_rank(tmp, comm.rank(), comm.world_size(), partitions)
     except Exception as e:  # disk full, permissions (safetensors raises its own error type for I/O): every rank
         # learns of it, and the previous checkpoint stays as it was
         problem = (f"rank {comm.rank()} could not write its checkpoint shard to {tmp}: "
@@ -217,8 +242,8 @@ def save(out: Path, step: int, method, rt, meta: dict, keep: int) -> Path:
     final = step_dir(out, step)
     if comm.is_main():
         try:
-            meta = {**meta, "step": step, "world_size": comm.world_size(), "method_state": method.state_scalars(),
-                    "versions": versions()}
+            meta = {**trainer.state_dict(), "rng": RNGState.state_dict(), "step": step, "world_size": comm.world_size(),
+                    "method_state": {n: v for n, v in state.items() if n not in partitions}, "versions": versions()}
             final = finish(out, tmp, step, meta, keep)
         except OSError as e:
             problem = f"could not finish checkpoint {tmp}: {e.strerror or e}"
@@ -230,7 +255,7 @@ def save(out: Path, step: int, method, rt, meta: dict, keep: int) -> Path:
 def check_compatible(meta: dict, cfg: dict, world: int, path: Path) -> None:
     """The checkpoint must come from this run's settings; the world size may differ (the global batch may not)."""
     old = meta["config"]
-    for key in _SAME:
+    for key in TRAJECTORY_KEYS:
         for name, was, now in _differences(key, old.get(key), cfg.get(key)):
             raise CheckpointError(f"{path} was saved with {name} = {was!r}, this run has {now!r}: resume with the "
                                   "same settings (or start a new run in another output_dir)")
@@ -255,22 +280,9 @@ def _differences(name: str, a, b):
         yield name, a, b
 
 
-def restore(path: Path, meta: dict, method, rt) -> int:
+def restore(path: Path, meta: dict, method, trainer) -> int:
     """Every rank reads the slices it owns now; returns the step to continue from."""
-    import base64
-
-    reader = Reader(path, meta["world_size"])
-    for name, shard in entries(method, rt).items():
-        if "::" not in name:
-            reader.load_into(shard)
-    method.load_state(reader, meta["method_state"])
-    rng = meta.get("rng", {}).get("torch")
-    if rng:
-        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(rng)), dtype=torch.uint8))
+    method.load_state_dict(SavedState(Reader(path, meta["world_size"]), meta["method_state"]))
+    trainer.load_state_dict(meta)
+    RNGState.load_state_dict(meta.get("rng", {}))
     return int(meta["step"])
-
-
-def rng_state() -> dict:
-    import base64
-
-    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}

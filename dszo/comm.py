@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import warnings
 from collections import defaultdict
@@ -241,6 +242,31 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out.to(values.device)
 
 
+class StopFlag:
+    """A stop request (SIGTERM from Slurm's preemption or time limit, SIGINT) rides on the step's all-reduce as one
+    more float, so that every rank learns of it at the same step without a second collective."""
+
+    def __init__(self) -> None:
+        self.requested = False   # this rank was asked to stop
+        self.agreed = False      # some rank was: every rank stops after the same step
+
+    def install_handlers(self) -> None:
+        def handler(signum, frame):
+            self.requested = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+
+STOP = StopFlag()
+
+
+def reduce_step(sums: torch.Tensor) -> torch.Tensor:
+    """The step's one all-reduce: this rank's loss sums, with its stop request appended (STOP.agreed after)."""
+    out = all_reduce_sum(torch.cat([sums, sums.new_tensor([float(STOP.requested)])]))
+    STOP.agreed = STOP.agreed or bool(out[-1] > 0)
+    return out[:-1]
+
+
 def broadcast_int(value: int, src: int = 0) -> int:
     if world_size() == 1:
         return value
@@ -319,6 +345,22 @@ def node_partition(timeout_s: int, per_node: bool = True) -> tuple[Optional[Part
         if rank() in ranks:
             mine = PartitionGroup(group, ranks)
     return mine, len(nodes)
+
+
+def prebuild_shm_op() -> None:
+    """Build DeepSpeed's CPU shared-memory comm op once (launch/setup.sh), into TORCH_EXTENSIONS_DIR."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        print(f"[assets] accelerator {acc.device_name()}: no CPU comm op to prebuild")
+        return
+    builder = acc.create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        print("[assets] this DeepSpeed has no shared-memory comm op; nothing to build")
+        return
+    builder.load(verbose=False)
+    print(f"[assets] DeepSpeed {builder.NAME} op ready in {os.environ['TORCH_EXTENSIONS_DIR']}")
 
 
 def shutdown() -> None:

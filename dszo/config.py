@@ -17,9 +17,17 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from dszo.errors import ConfigError
+from dszo.methods import registry
+from dszo.methods.base import MethodConfig
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and the fix."""
+__all__ = ["ConfigError", "DataConfig", "MethodConfig", "ModelConfig", "TrainConfig", "load_config",
+           "load_ds_config", "parse_overrides", "to_dict", "dump_yaml", "method_config_class"]
+
+
+def method_config_class(name: str) -> type:
+    """The config class of the method named `name` (dszo/methods/registry.py)."""
+    return registry.lookup(name).config
 
 
 @dataclass
@@ -66,46 +74,6 @@ class DataConfig:
     num_demos: int = 0                  # in-context demonstrations (from the train split) in evaluation prompts
     max_new_tokens: int = 50            # generation tasks: greedy decoding length and stop strings
     stop: list[str] = field(default_factory=lambda: ["\n"])
-
-
-@dataclass
-class MethodConfig:
-    """Options every method has; each method extends it with its own (see dszo/methods/<method>.py)."""
-
-    name: str = "zo_act"
-    zo_eps: float = 1e-2
-    num_directions: int = 1
-    # Low-rank methods apply ±eps*Z inside the layers on a doubled batch: L+ and L- from one forward
-    # (one ZeRO-3 gather of the frozen weights). false: two forwards.
-    functional_perturbation: bool = True
-
-    def check_model(self, model: "ModelConfig") -> None:
-        """Refuse a model set-up the method cannot train (e.g. writing into a quantized base)."""
-
-    def validate(self) -> None:
-        if self.zo_eps <= 0:
-            raise ConfigError(f"method.zo_eps must be > 0, got {self.zo_eps}")
-        if self.num_directions < 1:
-            raise ConfigError("method.num_directions must be >= 1")
-
-
-METHOD_CONFIGS: dict[str, type] = {}
-
-
-def register_method_config(name: str):
-    def deco(cls):
-        METHOD_CONFIGS[name] = cls
-        return cls
-    return deco
-
-
-def method_config_class(name: str) -> type:
-    import dszo.methods  # noqa: F401  (registers every method and its config)
-
-    if name not in METHOD_CONFIGS:
-        raise ConfigError(f"config key 'method.name': unknown method {name!r}; available: "
-                          f"{', '.join(sorted(METHOD_CONFIGS))}")
-    return METHOD_CONFIGS[name]
 
 
 @dataclass
@@ -298,9 +266,9 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("save_steps", "save_total_limit", "max_bad_steps", "eval_steps", "logging_steps"):
         need(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1/adam_beta2 must lie in [0, 1)")
-    need(not (cfg.partition == "node" and cfg.method.name == "first_order"),
-         "partition: node cannot train first_order: its gradients must be reduced across every rank of every node, "
-         "which a per-node ZeRO-3 group does not do; use partition: world (or auto)")
+    need(not (cfg.partition == "node" and cfg.method.capabilities().world_partition),
+         f"partition: node cannot train {cfg.method.name}: its gradients must be reduced across every rank of every "
+         "node, which a per-node ZeRO-3 group does not do; use partition: world (or auto)")
     cfg.method.validate()
     cfg.method.check_model(cfg.model)
     d = cfg.data

@@ -1,7 +1,7 @@
 """Carry a finished run to the tools people already use (one process, no DeepSpeed):
 
-    python dszo/export.py --run runs/rotten_tomatoes_zo_act --format peft    # -> <run>/export/peft
-    python dszo/export.py --run runs/rotten_tomatoes_zo_act --format merged  # -> <run>/export/merged
+    python -m dszo export --run runs/rotten_tomatoes_zo_act --format peft    # -> <run>/export/peft
+    python -m dszo export --run runs/rotten_tomatoes_zo_act --format merged  # -> <run>/export/merged
 
 - `peft`: ZO-Act's layer computes W x + B (Vᵀ x), which is LoRA with lora_A = Vᵀ, lora_B = B and scaling 1
   (lora_alpha = r): an adapter folder (adapter_config.json + adapter_model.safetensors) that
@@ -9,6 +9,7 @@
 - `merged`: an HF model folder (safetensors + tokenizer) with the trained change folded into the weights:
   W + B Vᵀ for ZO-Act, the trained tensors themselves for MeZO / LOZO / AGZO. It needs an unquantized base
   (a 4-/8-bit W cannot hold W + B Vᵀ exactly): export the adapter instead.
+Which formats a run allows follows from its method's capabilities (exports_adapter, result_file).
 """
 from __future__ import annotations
 
@@ -17,12 +18,10 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from dszo.config import ConfigError, load_config  # noqa: E402
+from dszo.config import ConfigError, load_config
+from dszo.outputs import result_path
 
 ADAPTER_SUFFIXES = (".zo_B", ".zo_V")
 
@@ -31,10 +30,7 @@ def _load_run(run: Path):
     from safetensors import safe_open
 
     cfg = load_config(str(run / "config.yaml"))
-    path = run / ("adapter.safetensors" if cfg.method.name == "zo_act" or
-                  getattr(cfg.method, "parameterization", "") == "zo_act" else "trainable.safetensors")
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: --run must name a finished run folder")
+    path = result_path(run, cfg)
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return cfg, tensors
@@ -52,7 +48,7 @@ def export_peft(run: Path, out: Path) -> Path:
     from dszo.assets import resolve_model_path
 
     cfg, tensors = _load_run(run)
-    if not any(k.endswith(".zo_B") for k in tensors):
+    if not cfg.method.capabilities().exports_adapter:
         raise ConfigError(f"method {cfg.method.name} trains the weights themselves, not an adapter: use --format merged")
     pairs = lora_pairs(tensors)
     r = next(iter(pairs.values()))[0].shape[0]
@@ -98,7 +94,7 @@ def export_merged(run: Path, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="dszo/export.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dszo export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a finished run folder")
     p.add_argument("--format", choices=["peft", "merged"], required=True)
@@ -114,6 +110,3 @@ def main(argv=None) -> int:
     print(f"[dszo] exported {run} as {args.format}: {done}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules on a rank's shards of the trainable tensors.
+"""Optimisers and learning-rate schedules on a rank's partitions of the trainable tensors.
 
 Each rank keeps optimiser state only for the elements it owns. The update rules are those of
 torch.optim.Adam / SGD(momentum) applied to the ZO gradient estimate g*Z of the owned slice.
@@ -26,7 +26,7 @@ def lr_at(step: int, base_lr: float, schedule: str, warmup_steps: int, max_steps
     raise ValueError(f"unknown lr_scheduler_type {schedule!r}")
 
 
-class ShardOptimizer:
+class PartitionOptimizer:
     def __init__(self, kind: str, betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.9,
                  weight_decay: float = 0.0, no_decay: frozenset = frozenset()) -> None:
         if kind not in ("adam", "momentum", "sgd"):

@@ -7,20 +7,17 @@ ZeRO-3 gathers them around each layer's forward. The 4-bit values are packed int
 small quantization statistics (absmax, int8 row scales) stay whole on every rank.
 
 Only methods that never write into W may run on a quantized base: ZO-Act (and the first-order reference on
-ZO-Act's coefficients); MeZO, LOZO and AGZO write their updates into W and refuse it (see `refuse`).
+ZO-Act's coefficients); MeZO, LOZO and AGZO write their updates into W and refuse it
+(dszo/methods/base.py: refuse_quantized, from each method's capabilities).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from dszo.config import ConfigError
+from dszo.errors import QuantizationError
 
 QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")   # bitsandbytes' parameter classes, by name (no import)
-
-
-class QuantizationError(ConfigError):
-    pass
 
 
 def is_quantized(param: torch.Tensor) -> bool:
@@ -62,28 +59,3 @@ def prepare_for_zero3(model: nn.Module) -> int:
             m.support_avx512bf16_for_cpu = False
             n += 1
     return n
-
-
-def quantized_bytes(model: nn.Module) -> dict:
-    """Bytes of the quantized weights: whole tensors and this rank's ZeRO-3 partitions (after initialize)."""
-    total = local = 0
-    for p in model.parameters():
-        if not is_quantized(p):
-            continue
-        shape = getattr(p, "ds_shape", p.shape)
-        total += int(torch.Size(shape).numel()) * p.element_size()
-        part = getattr(p, "ds_tensor", None)
-        local += (part.numel() if part is not None else p.numel()) * p.element_size()
-    return {"quantized_weight_bytes": total, "quantized_weight_bytes_local": local}
-
-
-def refuse(method: str, quantization: str, how: str) -> None:
-    """The error of a method that would write into frozen quantized weights."""
-    if quantization == "none":
-        return
-    subset = "restrict method.trainable to unquantized tensors (e.g. ['*norm*']), " if method in ("mezo", "first_order") else ""
-    raise QuantizationError(
-        f"method {method} {how}, but model.quantization is {quantization}: the base weights are frozen "
-        f"{quantization} and cannot take an update. Use method zo_act (trains coefficients on top of the frozen "
-        f"quantized weights; first_order with parameterization: zo_act is its backprop reference), {subset}"
-        "or set model.quantization: none")

@@ -5,21 +5,23 @@ function of (seed, tensor, element). The main rank appends one line per step to 
 (`{"step", "seed", "g": [...], "lr", "skipped"}`, after a header with the run seed and the resolved config),
 about 100 bytes a step. Replaying applies the same updates without a single training forward:
 
-    deepspeed --num_gpus 2 dszo/replay.py --run runs/rotten_tomatoes_zo_act      # -> <run>/replayed.safetensors
+    deepspeed --num_gpus 2 --module dszo replay --run runs/rotten_tomatoes_zo_act   # -> <run>/replayed/<result file>
 
 On the world size the run used, the result is bit-identical to the run's tensors (the same operations in the
 same order); on another, equal within fp32 tolerance (ZO-Act's bases are recomputed from the calibration data,
-whose all-reduced sums may add up in another order). AGZO cannot be replayed without forwards: its subspace
-comes from each step's activations.
+whose all-reduced sums may add up in another order). Methods whose capabilities say they are not replayable
+refuse: AGZO's subspace comes from each step's activations; the first-order reference logs no seeds.
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script by a launcher: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dszo import comm
+from dszo.assembly import build_run
+from dszo.directions import direction_seed
+from dszo.errors import ConfigError
+from dszo.outputs import save_trained
 
 LOG = "replay.jsonl"
 FORMAT = 1
@@ -41,10 +43,11 @@ class ReplayLog:
         self.path.write_text("".join(json.dumps(x) + "\n" for x in [header] + [json.loads(k) for k in keep]))
         self._f = open(self.path, "a", encoding="utf-8")
 
-    def append(self, step: int, seed: int, stats) -> None:
+    def append(self, step: int, seed: int, record) -> None:
+        """One ZO step (methods.base.ZOStep) and its seed."""
         if self._f:
-            self._f.write(json.dumps({"step": step, "seed": seed, "g": stats.proj_grads, "lr": stats.lr,
-                                      "skipped": stats.skipped}) + "\n")
+            self._f.write(json.dumps({"step": step, "seed": seed, "g": record.proj_grads, "lr": record.lr,
+                                      "skipped": record.skipped}) + "\n")
             self._f.flush()
 
     def close(self) -> None:
@@ -53,8 +56,6 @@ class ReplayLog:
 
 
 def read_log(path: Path) -> tuple[dict, list[dict]]:
-    from dszo.config import ConfigError
-
     if not path.is_file():
         raise ConfigError(f"{path} not found: the run wrote no replay log (replay_log: false, or not a dszo run)")
     lines = path.read_text().splitlines()
@@ -71,16 +72,11 @@ def read_log(path: Path) -> tuple[dict, list[dict]]:
 
 def replay(run_dir: Path, cfg, steps_limit: int = 0) -> Path:
     """Rebuild the run's method on the base model, then apply every logged update; write the tensors."""
-    from dszo import comm
-    from dszo.config import ConfigError
-    from dszo.directions import direction_seed
-    from dszo.train import build, save_trained
-
-    header, steps = read_log(run_dir / LOG)
-    if cfg.method.name in ("agzo", "first_order"):
+    if not cfg.method.capabilities().replayable:
         raise ConfigError(f"method {cfg.method.name} cannot be replayed from seeds and projected gradients alone "
                           "(AGZO's subspace comes from each step's activations; first_order logs no seeds)")
-    _, _, method, rt, _ = build(cfg, int(header["run_seed"]))
+    header, steps = read_log(run_dir / LOG)
+    method = build_run(cfg, int(header["run_seed"])).method
     n_dir = cfg.method.num_directions
     for rec in steps[:steps_limit or None]:
         t = rec["step"] - 1
@@ -92,17 +88,5 @@ def replay(run_dir: Path, cfg, steps_limit: int = 0) -> Path:
     out = run_dir / "replayed"
     save_trained(method, out, cfg, len(steps))
     if comm.is_main():
-        print(f"[dszo] replayed {len(steps)} steps of {run_dir}; tensors in {out / method.result_file}")
-    return out / method.result_file
-
-
-def main(argv=None) -> int:
-    from dszo.train import run_cli
-
-    return run_cli(argv, mode="replay")
-
-
-if __name__ == "__main__":
-    from dszo.train import _exit
-
-    _exit(main())
+        print(f"[dszo] replayed {len(steps)} steps of {run_dir}; tensors in {out / method.capabilities.result_file}")
+    return out / method.capabilities.result_file

@@ -91,3 +91,26 @@ def greedy_generate(model, batch, max_new_tokens: int, finished: Callable[[list[
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                     past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
     return new
+
+
+class Generation:
+    """Greedy decoding settings and the stop test: a stop string in the decoded text, or EOS."""
+
+    def __init__(self, tokenizer, max_new_tokens: int, stop: list[str]) -> None:
+        self.tok, self.max_new_tokens, self.stop = tokenizer, max_new_tokens, stop
+        self.eos = tokenizer.eos_token_id
+
+    def finished(self, tokens: list[int]) -> bool:
+        if self.eos is not None and tokens[-1] == self.eos:
+            return True
+        text = self.tok.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in self.stop)
+
+    def decode(self, rows: list[list[int]]) -> list[str]:
+        out = []
+        for tokens in rows:
+            text = self.tok.decode(tokens, skip_special_tokens=True)
+            for s in self.stop:
+                text = text.split(s)[0]
+            out.append(text.strip())
+        return out

@@ -141,35 +141,40 @@ def run_group(cmd: list[str], timeout: int, **kwargs) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _launch_once(script: list[str], n_ranks: int, launcher: str, bindir: Path, timeout: int, env: dict | None):
+def _launch_once(program: list[str], n_ranks: int, launcher: str, bindir: Path, timeout: int, env: dict | None):
+    """program: [script.py, args...] or ["-m", "dszo", command, args...]."""
     port = str(free_port())
+    module = program[0] == "-m"
     if launcher == "deepspeed":
-        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(n_ranks), "--master_port", port, *script]
+        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(n_ranks), "--master_port", port,
+               *(["--module", *program[1:]] if module else program)]
     elif launcher == "torchrun":
-        cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(n_ranks), "--master_port", port, *script]
+        cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(n_ranks), "--master_port", port, *program]
     elif launcher == "mpirun":
         cmd = ["mpirun", "-np", str(n_ranks), "--allow-run-as-root", "--oversubscribe", "-x", "MASTER_PORT=" + port,
-               "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x", "HF_HUB_OFFLINE", sys.executable, *script]
+               "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x", "HF_HUB_OFFLINE", sys.executable, *program]
     elif launcher == "python":
-        cmd = [sys.executable, *script]
+        cmd = [sys.executable, *program]
     else:
         raise ValueError(launcher)
     return run_group(cmd, timeout=timeout, env=rank_env(**(env or {}))), port
 
 
 def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str] = (), timeout: int = 300,
-           check: bool = True, script: str = "train.py", with_config: bool = True,
+           check: bool = True, command: str = "train", with_config: bool = True,
            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Launch `script` on `n_ranks` real ranks; `env`: extra environment for them (e.g. OTHER_KERNELS)."""
+    """Launch a dszo command on `n_ranks` real ranks -- train as users do, through the dszo/train.py script;
+    evaluate / replay as `-m dszo COMMAND` --; `env`: extra environment for them (e.g. OTHER_KERNELS)."""
     out = Path(cfg["output_dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = out.parent / f"{out.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    script = [str(REPO / "dszo" / script), *(["--config", str(cfg_path)] if with_config else []), *extra]
+    program = [str(REPO / "dszo" / "train.py")] if command == "train" else ["-m", "dszo", command]
+    program += [*(["--config", str(cfg_path)] if with_config else []), *extra]
     bindir = Path(sys.executable).parent
     ports = []
     for _ in range(3):  # free_port() releases the port before the launcher binds it: another process may win
-        proc, port = _launch_once(script, n_ranks, launcher, bindir, timeout, env)
+        proc, port = _launch_once(program, n_ranks, launcher, bindir, timeout, env)
         ports.append(port)
         if proc.returncode == 0 or "Address already in use" not in proc.stderr:
             break

@@ -1,5 +1,5 @@
-"""Bad input, end to end: each case runs the real command line (dszo/train.py, evaluate.py, replay.py,
-export.py) and must give a clear message naming the problem and the fix, a non-zero exit, and leave what
+"""Bad input, end to end: each case runs the real command line (dszo/train.py, python -m dszo evaluate / replay /
+export) and must give a clear message naming the problem and the fix, a non-zero exit, and leave what
 was already written as it was. DSZO_BAD_INPUT_TABLE=path writes the cases and their messages as a table."""
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def _cases(tiny_model, tiny_data, tmp, done):
         (tmp / name).write_text(text)
         return str(tmp / name)
 
-    train, evaluate, replay, export = (str(REPO / "dszo" / s) for s in ("train.py", "evaluate.py", "replay.py", "export.py"))
+    train = str(REPO / "dszo" / "train.py")           # the script, as launchers run it
+    evaluate, replay, export = "evaluate", "replay", "export"   # `python -m dszo COMMAND`
     (tmp / "held").mkdir()
     (tmp / "held" / "config.yaml").write_text("precious: true\n")
     corrupt = tmp / "corrupt"
@@ -119,7 +120,8 @@ def test_bad_input_table(tiny_model, tiny_data, tmp_path, done_run):
 
     def run(case):
         name, argv, _, _, pre = case
-        return subprocess.run([sys.executable, *argv], cwd=REPO, env=rank_env(), capture_output=True, text=True,
+        program = ["-m", "dszo", *argv] if argv[0] in ("evaluate", "replay", "export") else argv
+        return subprocess.run([sys.executable, *program], cwd=REPO, env=rank_env(), capture_output=True, text=True,
                               timeout=180, preexec_fn=pre)
 
     with ThreadPoolExecutor(2) as pool:

@@ -183,7 +183,7 @@ def test_resume_on_another_world_size(reference, tiny_model, tiny_data, tmp_path
 def test_replay_log_rebuilds_the_trained_tensors(reference):
     lines = (reference / "replay.jsonl").read_text().splitlines()
     assert len(lines) == STEPS + 1 and sum(len(x) + 1 for x in lines[1:]) / STEPS < 120  # bytes per step
-    launch({"output_dir": str(reference.parent / "replay_cfg")}, 2, script="replay.py", with_config=False,
+    launch({"output_dir": str(reference.parent / "replay_cfg")}, 2, command="replay", with_config=False,
            extra=["--run", str(reference)])
 
     a, b = load_adapter(reference), load_file(str(reference / "replayed" / "adapter.safetensors"))

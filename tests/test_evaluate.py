@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 
 
 def _eval(cfg, ranks, *extra, env=None):
-    launch(cfg, ranks, script="evaluate.py", extra=list(extra), env=env)
+    launch(cfg, ranks, command="evaluate", extra=list(extra), env=env)
     name = "eval_base_test.json"
     return json.loads((Path(cfg["output_dir"]) / name).read_text())
 
@@ -134,7 +134,7 @@ def test_training_on_answer_rows_is_world_size_invariant_and_run_evaluates(tiny_
     tol.assert_conditioned()
     assert_steps_close(runs[1][:1], runs[2][:1], tol)
     end = json.loads((tmp_path / "r2" / "results.json").read_text())
-    launch({**cfg, "output_dir": str(tmp_path / "ignored")}, 2, script="evaluate.py", with_config=False,
+    launch({**cfg, "output_dir": str(tmp_path / "ignored")}, 2, command="evaluate", with_config=False,
            extra=["--run", str(tmp_path / "r2"), "--split", "dev"])
     res = json.loads((tmp_path / "r2" / "eval_dev.json").read_text())
     # Same world size, kernels and batches as the run's own evaluation: the same scores, so the same accuracy;

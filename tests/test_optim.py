@@ -1,10 +1,10 @@
-"""Shard optimisers: updating slices independently equals torch.optim on the whole tensor."""
+"""Partition optimisers: updating slices independently equals torch.optim on the whole tensor."""
 import math
 
 import pytest
 import torch
 
-from dszo.optim import ShardOptimizer, lr_at
+from dszo.optim import PartitionOptimizer, lr_at
 from tolerances import U
 
 
@@ -19,7 +19,7 @@ def test_sharded_update_matches_torch_optim(kind, wd):
         opt = torch.optim.SGD([ref], lr=0.05, momentum=0.9 if kind == "momentum" else 0.0, weight_decay=wd)
     mine = full.clone()
     shards = [mine[:20], mine[20:]]  # two "ranks", views into one buffer
-    sopt = ShardOptimizer(kind, betas=(0.9, 0.99), eps=1e-8, momentum=0.9, weight_decay=wd)
+    sopt = PartitionOptimizer(kind, betas=(0.9, 0.99), eps=1e-8, momentum=0.9, weight_decay=wd)
     for _ in range(5):
         g = torch.randn(37)
         ref.grad = g.clone()

@@ -1,12 +1,12 @@
-"""Training methods, registered by name (config key `method.name`)."""
-from dszo.methods.base import REGISTRY, Method, Runtime, Shard, StepStats, ZOMethod, register
-from dszo.methods import agzo, first_order, lozo, mezo, zo_act  # noqa: F401  (registers)
+"""Training methods: one module each, registered by name (config key `method.name`) in dszo/methods/registry.py."""
+from dszo.methods.base import Capabilities, Method, MethodConfig, Partition, ZOMethod
+from dszo.methods.registry import lookup, names, register
 
 
 def get_method(name: str) -> type[Method]:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown method.name {name!r}; available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    """The method class registered as `name`."""
+    return lookup(name).method
 
 
-__all__ = ["REGISTRY", "Method", "Runtime", "Shard", "StepStats", "ZOMethod", "register", "get_method"]
+__all__ = ["Capabilities", "Method", "MethodConfig", "Partition", "ZOMethod", "get_method", "lookup", "names",
+           "register"]

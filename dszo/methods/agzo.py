@@ -11,23 +11,24 @@ directions in the same forward (vectors.py) and plain SGD.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
-from dszo.methods.base import Runtime, ZOMethod, register, require_sgd
-from dszo.methods.lozo import apply_low_rank_rows, shard_rows, train_vectors
+from dszo.errors import ConfigError
+from dszo.methods.base import Capabilities, MethodConfig, ZOMethod, ZORuntime, plain_shape, require_sgd
+from dszo.methods.estimates import VectorEstimate, apply_low_rank_rows, partition_rows
 from dszo.methods.layers import wrap_linear_layers
-from dszo.methods.vectors import VectorEstimate, VectorPerturbation, perturb_bias
-from dszo.quantization import refuse
+from dszo.methods.perturbation import Perturbation
+from dszo.methods.registry import register
+from dszo.methods.vectors import perturb_bias, train_vectors
 from dszo.subspace import orthonormalize
 
 _OMEGA_STREAM = 0xA620
 
 
-@register_method_config("agzo")
 @dataclass
 class AGZOConfig(MethodConfig):
     name: str = "agzo"
@@ -37,8 +38,11 @@ class AGZOConfig(MethodConfig):
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     train_1d: bool = True                  # also train norm scales and biases, with dense directions
 
-    def check_model(self, model) -> None:
-        refuse(self.name, model.quantization, "writes its update R Aᵀ into the base weights")
+    base_update: ClassVar[str] = "writes its update R Aᵀ into the base weights"
+
+    def capabilities(self) -> Capabilities:
+        # Not replayable: its subspace comes from each step's activations, not from the seed alone.
+        return Capabilities(writes_base_weights=True, replayable=False)
 
     def validate(self) -> None:
         super().validate()
@@ -46,24 +50,36 @@ class AGZOConfig(MethodConfig):
             raise ConfigError("method.rank must be >= 1 and method.power_iters >= 0")
 
 
+class Capture:
+    """Shared by the layers during the unperturbed forward f0: their input activations, on the valid tokens."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.token_mask: torch.Tensor | None = None
+        self.inputs: dict[str, torch.Tensor] = {}
+
+
 class ActivationGuidedLinear(nn.Module):
-    def __init__(self, base: nn.Linear, name: str, owner: "AGZO") -> None:
+    """Captures its input during f0; adds μ R (Aᵀ x) (and the bias' dense term) during f+."""
+
+    def __init__(self, base: nn.Linear, name: str, perturbation: Perturbation, capture: Capture) -> None:
         super().__init__()
-        self.base, self.name = base, name
-        object.__setattr__(self, "_owner", owner)
+        self.base, self.name = base, name       # name: the weight's, `<layer>.base.weight`
+        self.key_bias = tensor_key(f"{name.removesuffix('.base.weight')}.base.bias")
+        object.__setattr__(self, "_perturbation", perturbation)   # shared state, not submodules
+        object.__setattr__(self, "_capture", capture)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = self._owner
-        y = perturb_bias(o.vctx, self.base(x), self.name.removesuffix(".base.weight"), self.base)
-        if o.mode == "capture":
-            o.captured[self.name] = x.reshape(-1, x.shape[-1])[o.token_mask].detach().to(torch.float32)
-        elif o.mode == "perturb":
-            r, a = o.R[self.name].to(x.device), o.A[self.name].to(x.device)
-            y.add_((o.cfg.method.zo_eps * ((x.to(a.dtype) @ a) @ r.T)).to(y.dtype))
+        p, capture = self._perturbation, self._capture
+        y = perturb_bias(p, self.base(x), self.key_bias, self.base)
+        if capture.active:
+            capture.inputs[self.name] = x.reshape(-1, x.shape[-1])[capture.token_mask].detach().to(torch.float32)
+        elif p.active:
+            r, a = (d.to(x.device) for d in p.directions[self.name])
+            y = p.add(y, (x.to(a.dtype) @ a) @ r.T)
         return y
 
 
-@register
 class AGZO(ZOMethod):
     name = "agzo"
 
@@ -72,58 +88,61 @@ class AGZO(ZOMethod):
         require_sgd(cfg, "R Aᵀ")
         if cfg.gradient_accumulation_steps != 1:
             raise ConfigError("method agzo computes its subspace from one batch: set gradient_accumulation_steps: 1")
-        self.mode, self.captured, self.R, self.A, self.token_mask = "off", {}, {}, {}, None
-        self.vctx = VectorPerturbation()
+        self.perturbation, self.capture = Perturbation(), Capture()
+        self.R: dict[str, torch.Tensor] = {}
+        self.A: dict[str, torch.Tensor] = {}
         self.subspace_step = -1
 
-    def attach(self, model: nn.Module) -> None:
-        wrapped = wrap_linear_layers(model, self.cfg.method.target_modules,
-                                     lambda name, linear: ActivationGuidedLinear(linear, f"{name}.base.weight", self))
+    def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
+        wrapped = wrap_linear_layers(model, self.cfg.method.target_modules, lambda name, linear: ActivationGuidedLinear(
+            linear, f"{name}.base.weight", self.perturbation, self.capture))
         self.layers: dict[str, ActivationGuidedLinear] = {w.name: w for w in wrapped.values()}
-        self.vectors, self.frozen_1d = train_vectors(model, self.cfg.method.train_1d, wrapped, self.vctx)
+        self.vectors, self.frozen_1d = train_vectors(model, self.cfg.method.train_1d, wrapped, self.perturbation,
+                                                     shape_of)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {**{n: layer.base.weight for n, layer in self.layers.items()}, **self.vectors}
 
-    def setup(self, rt: Runtime, calibration_batches: list) -> None:
-        self.shards = {n: rt.shard(n, p) for n, p in self.trainable().items()}
-        self.vector_estimate = VectorEstimate({n: self.shards[n] for n in self.vectors})
+    def prepare(self, runtime: ZORuntime, calibration_batches: list | None) -> None:
+        self.vector_estimate = VectorEstimate({n: self.partitions[n] for n in self.vectors})
         self.step_dir: dict[str, torch.Tensor] = {}
 
-    def _subspaces(self, t: int, rt: Runtime) -> None:
+    def _subspaces(self, t: int, runtime: ZORuntime) -> None:
         """A per layer from the activations of all ranks: QR(HᵀH Q) repeated, every sketch all-reduced."""
-        r = self.cfg.method.rank
+        r, h = self.cfg.method.rank, self.capture.inputs
         q = {}
         for name, layer in self.layers.items():
             n = layer.base.in_features
             q[name] = gaussian(mix(self.run_seed, _OMEGA_STREAM, t), tensor_key(name), 0, n * r).view(n, r)
         for _ in range(self.cfg.method.power_iters + 1):
-            sketches = [self.captured[n].T @ (self.captured[n] @ q[n]) for n in self.layers]
-            flat = rt.all_reduce_sum(torch.cat([s.reshape(-1) for s in sketches]))
+            sketches = [h[n].T @ (h[n] @ q[n]) for n in self.layers]
+            flat = runtime.all_reduce_sum(torch.cat([s.reshape(-1) for s in sketches]))
             offset = 0
             for name, s in zip(self.layers, sketches):
                 q[name] = orthonormalize(flat[offset:offset + s.numel()].view_as(s).double()).float()
                 offset += s.numel()
         self.A = q
 
-    def losses(self, t: int, dseed: int, batch, rt: Runtime) -> tuple[float, float, int]:
-        r = self.cfg.method.rank
-        if self.subspace_step != t:                       # f0 and the subspace once per step, shared by directions
-            self.mode, self.token_mask = "capture", batch.token_mask().reshape(-1)
-            self.f0, _, self.n = rt.loss_sums(batch, doubled=False)
-            self.mode = "off"
-            self._subspaces(t, rt)
-            self.captured.clear()
-            self.subspace_step = t
-        self.R = {name: gaussian(dseed, self.shards[name].key, 0, self.shards[name].shape[0] * r)
-                  .view(self.shards[name].shape[0], r) for name in self.layers}
-        self.mode = "perturb"
-        self.vctx.set(dseed, self.cfg.method.zo_eps, +1.0)
+    def _unperturbed_loss(self, t: int, batch, runtime: ZORuntime) -> None:
+        """f0 and the step's subspaces, once per step (shared by its directions)."""
+        self.capture.active, self.capture.token_mask = True, batch.token_mask().reshape(-1)
         try:
-            fp, _, _ = rt.loss_sums(batch, doubled=False)
+            self.f0, _, self.n = runtime.loss_sums(batch, doubled=False)
         finally:
-            self.mode = "off"
-            self.vctx.off()
+            self.capture.active = False
+        self._subspaces(t, runtime)
+        self.capture.inputs.clear()
+        self.subspace_step = t
+
+    def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
+        r = self.cfg.method.rank
+        if self.subspace_step != t:
+            self._unperturbed_loss(t, batch, runtime)
+        self.R = {name: gaussian(dseed, self.partitions[name].key, 0, self.partitions[name].shape[0] * r)
+                  .view(self.partitions[name].shape[0], r) for name in self.layers}
+        for name in self.layers:
+            self.perturbation.directions[name] = (self.R[name], self.A[name])
+        fp, _ = self.perturbation.measure_one_sided(runtime, batch, dseed, self.cfg.method.zo_eps)
         return fp, self.f0, self.n
 
     def projected_gradient(self, a: float, b: float, n: float) -> float:
@@ -142,6 +161,9 @@ class AGZO(ZOMethod):
     def update(self, t: int, lr: float) -> None:
         self.vector_estimate.apply(lr)
         for name in self.layers:
-            s = self.shards[name]
-            r0, r1 = shard_rows(s)
-            apply_low_rank_rows(s, self.step_dir.pop(name)[r0:r1], self.A[name], lr)
+            part = self.partitions[name]
+            r0, r1 = partition_rows(part)
+            apply_low_rank_rows(part, self.step_dir.pop(name)[r0:r1], self.A[name], lr)
+
+
+register(AGZOConfig, AGZO)

@@ -1,7 +1,8 @@
-"""The interface every ZO method implements, and the runtime services it is given.
+"""The interfaces of a training method: its config and capabilities, the runtime services it is given, the ZO
+step every zeroth-order method shares, and the step records.
 
-A method never imports deepspeed or torch.distributed: the runtime hands it the shard of each trainable
-tensor this rank owns, a loss function and the scalar all-reduce.
+A method never imports deepspeed, torch.distributed or dszo's comm: the runtime hands it this rank's partition of
+each trainable tensor, a loss function and the scalar all-reduce (dszo/zero.py implements it under ZeRO-3).
 """
 from __future__ import annotations
 
@@ -11,18 +12,18 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from dszo.directions import direction_seed, gaussian, step_seed
-from dszo.optim import ShardOptimizer
+from dszo.directions import direction_seed, step_seed
+from dszo.errors import ConfigError, QuantizationError
 
 
 @dataclass
-class Shard:
-    """The elements [start, end) of a flattened trainable tensor that this rank owns."""
+class Partition:
+    """The elements [start, end) of a flattened tensor that this rank owns (DeepSpeed's word for a rank's slice)."""
 
     name: str
     key: int                  # directions.tensor_key(name)
@@ -36,20 +37,76 @@ class Shard:
         return int(torch.Size(self.shape).numel())
 
 
+# --- configuration and capabilities --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What code outside a method needs to know about it (instead of testing its name)."""
+
+    zeroth_order: bool = True            # steps from forward passes only (else: the first-order reference)
+    replayable: bool = True              # a run is determined by (seed, g, lr) per step: `dszo replay` rebuilds it
+    resumable: bool = True               # its whole state lives in dszo's checkpoints
+    world_partition: bool = False        # needs one ZeRO-3 partition group over every rank (gradient reduction)
+    writes_base_weights: bool = False    # updates the model's own weights: refuses a quantized base
+    result_file: str = "trainable.safetensors"  # the trained tensors of a finished run
+    exports_adapter: bool = False        # the result is a LoRA-shaped adapter (`dszo export --format peft`)
+    calibration_examples: int = 0        # training examples read by a calibration pass before the first step
+
+
 @dataclass
-class StepStats:
-    loss_plus: float
-    loss_minus: float
-    proj_grad: float          # g of the first direction (all directions in `proj_grads`)
-    num_examples: int
-    lr: float
-    proj_grads: list[float] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    skipped: bool = False     # non-finite loss: the update was not applied
+class MethodConfig:
+    """Options every method has; each method extends it with its own (see dszo/methods/<method>.py)."""
+
+    name: str = "zo_act"
+    zo_eps: float = 1e-2
+    num_directions: int = 1
+    # Low-rank methods apply ±eps*Z inside the layers on a doubled batch: L+ and L- from one forward
+    # (one ZeRO-3 gather of the frozen weights). false: two forwards.
+    functional_perturbation: bool = True
+    base_update: ClassVar[str] = "writes its update into the base weights"   # why a quantized base is refused
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    def check_model(self, model) -> None:
+        """Refuse a model set-up the method cannot train (e.g. writing into a quantized base)."""
+        if self.capabilities().writes_base_weights:
+            refuse_quantized(self.name, model.quantization, self.base_update)
+
+    def validate(self) -> None:
+        if self.zo_eps <= 0:
+            raise ConfigError(f"method.zo_eps must be > 0, got {self.zo_eps}")
+        if self.num_directions < 1:
+            raise ConfigError("method.num_directions must be >= 1")
 
 
-class Runtime(Protocol):
-    def shard(self, name: str, param: nn.Parameter) -> Shard: ...
+def refuse_quantized(method: str, quantization: str, how: str, subset_hint: str = "") -> None:
+    """The error of a method that would write into frozen quantized weights (none when the base is unquantized)."""
+    if quantization == "none":
+        return
+    raise QuantizationError(
+        f"method {method} {how}, but model.quantization is {quantization}: the base weights are frozen "
+        f"{quantization} and cannot take an update. Use method zo_act (trains coefficients on top of the frozen "
+        f"quantized weights; first_order with parameterization: zo_act is its backprop reference), {subset_hint}"
+        "or set model.quantization: none")
+
+
+def require_sgd(cfg, update: str) -> None:
+    """Methods whose update is SGD along their own low-rank direction (LOZO, AGZO) refuse another optim."""
+    if cfg.optim != "sgd":
+        raise ConfigError(f"method {cfg.method.name} updates W with SGD along {update}; set optim: sgd "
+                          f"(got optim: {cfg.optim})")
+
+
+# --- what the runtime offers ----------------------------------------------------------------------------------
+
+class ZORuntime(Protocol):
+    """The services a zeroth-order method uses (dszo/zero.py: ZeroRuntime)."""
+
+    world_size: int
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+
+    def partition(self, name: str, param: nn.Parameter) -> Partition: ...
 
     def loss_sums(self, batch, doubled: bool) -> tuple[float, float, int]:
         """Σ loss over the first and the second copy of `batch` (second is 0 when not doubled), and n."""
@@ -57,34 +114,93 @@ class Runtime(Protocol):
     def forward(self, batch) -> None:
         """A forward over `batch` whose output is not needed (calibration)."""
 
-    # The first-order reference only: a differentiable loss, and the engine's backward and optimiser step.
+    def reduce_step(self, sums: torch.Tensor) -> torch.Tensor:
+        """The step's all-reduce of its loss sums (the communication layer carries the stop flag along)."""
+
+
+class BackpropRuntime(ZORuntime, Protocol):
+    """What the first-order reference uses besides: a differentiable loss, the engine's backward and step."""
+
     def loss_sum_with_grad(self, batch) -> tuple[torch.Tensor, int]: ...
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def optimizer_step(self) -> None: ...
 
-    def reduce_step(self, sums: torch.Tensor) -> torch.Tensor:
-        """The step's all-reduce of its loss sums (the runtime may carry control flags along with them)."""
 
-    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
-    world_size: int
+def plain_shape(param: torch.Tensor) -> tuple[int, ...]:
+    return tuple(param.shape)
 
+
+# --- step records ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ZOStep:
+    """One ZO step: the mean losses at the two measured points and g of every direction."""
+
+    loss_plus: float
+    loss_minus: float
+    proj_grads: list[float]
+    num_examples: int
+    lr: float
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False     # non-finite loss: the update was not applied
+
+    @property
+    def loss(self) -> float:
+        return 0.5 * (self.loss_plus + self.loss_minus)
+
+    @property
+    def proj_grad(self) -> float:
+        """g of the first direction."""
+        return self.proj_grads[0]
+
+    def metrics(self) -> dict:
+        return {"loss": self.loss, "loss_plus": self.loss_plus, "loss_minus": self.loss_minus,
+                "proj_grad": self.proj_grad, "proj_grads": self.proj_grads, "lr": self.lr,
+                "num_examples": self.num_examples}
+
+    def describe_bad(self) -> str:
+        return f"L+ = {self.loss_plus}, L- = {self.loss_minus}"
+
+
+@dataclass
+class FirstOrderStep:
+    """One backprop step: the mean loss of the global batch before the update."""
+
+    loss: float
+    num_examples: int
+    lr: float
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False     # never: the engine always applies its update
+
+    def metrics(self) -> dict:
+        return {"loss": self.loss, "lr": self.lr, "num_examples": self.num_examples}
+
+    def describe_bad(self) -> str:
+        return f"loss = {self.loss}"
+
+
+# --- methods --------------------------------------------------------------------------------------------------
 
 class Method(ABC):
-    """What train.py drives: attach to the model, name the trainable tensors, set up after sharding, step."""
+    """What the trainer drives: attach to the model, name the trainable tensors, set up after partitioning,
+    step; its state for checkpoints through state_dict / load_state_dict."""
 
     name: str = ""
-    result_file: str = "trainable.safetensors"   # what train.py writes the trained tensors to
     frozen_1d: list[str] = []                     # 1-D tensors a method would train but cannot perturb (logged)
 
     def __init__(self, cfg, run_seed: int) -> None:
         self.cfg = cfg            # the whole TrainConfig (method section at cfg.method)
         self.run_seed = run_seed
+        self.capabilities = cfg.method.capabilities()
+        self.partitions: dict[str, Partition] = {}
+        self.fixed_partitions: dict[str, Partition] = {}
 
     @abstractmethod
-    def attach(self, model: nn.Module) -> None:
-        """Add adapters / select trainable tensors, before the model is sharded."""
+    def attach(self, model: nn.Module, shape_of: Callable = plain_shape) -> None:
+        """Add adapters / select trainable tensors, before the model is partitioned. `shape_of(param)`: a
+        parameter's whole shape (the frozen base may already be partitioned)."""
 
     @abstractmethod
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -96,28 +212,40 @@ class Method(ABC):
 
     def torch_optimizer(self):
         """A torch optimiser for the engine to own (the first-order reference), or None: ZO methods update
-        their shards themselves and the engine stays forward-only."""
+        their partitions themselves and the engine stays forward-only."""
         return None
 
-    @abstractmethod
-    def setup(self, rt: Runtime, calibration_batches: list) -> None:
-        """After sharding: take shards, compute bases, create optimiser state. calibration_batches is None when
-        the state will be restored from a checkpoint (no calibration pass)."""
+    def setup(self, runtime: ZORuntime, calibration_batches: list | None) -> None:
+        """After partitioning: take this rank's partitions, then the method's own set-up (bases, optimiser state).
+        calibration_batches is None when the state will be restored from a checkpoint (no calibration pass)."""
+        self.partitions = {n: runtime.partition(n, p) for n, p in self.trainable().items()}
+        self.fixed_partitions = {n: runtime.partition(n, p) for n, p in self.extra_state().items()}
+        self.prepare(runtime, calibration_batches)
 
-    # -- checkpoints: the state a resume needs besides the trained tensors and extra_state ---------------
-    def state_shards(self) -> dict[str, Shard]:
-        """Optimiser / momentum state as flat slices of named tensors (this rank's part)."""
-        return {}
-
-    def state_scalars(self) -> dict:
-        return {}
-
-    def load_state(self, reader, scalars: dict) -> None:
-        """Restore what state_shards / state_scalars saved; `reader.read(name, start, end)` gives any slice."""
+    def prepare(self, runtime: ZORuntime, calibration_batches: list | None) -> None:
+        """The method's own set-up once its partitions exist."""
 
     @abstractmethod
-    def step(self, t: int, micro_batches: list, lr: float, rt: Runtime) -> StepStats:
-        """One optimisation step at 0-based step t over this rank's micro-batches."""
+    def step(self, t: int, micro_batches: list, lr: float, runtime: ZORuntime):
+        """One optimisation step at 0-based step t over this rank's micro-batches; returns its step record."""
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """name -> this rank's Partition of a tensor (trained, fixed, optimiser state) or a JSON scalar."""
+        return {**self.partitions, **self.fixed_partitions, **self.optimizer_state_dict()}
+
+    def load_state_dict(self, saved) -> None:
+        """`saved` (checkpoint.SavedState) reads any slice of what state_dict held, on any world size."""
+        for part in {**self.partitions, **self.fixed_partitions}.values():
+            saved.load_into(part)
+        self.load_optimizer_state_dict(saved)
+
+    def optimizer_state_dict(self) -> dict:
+        """Optimiser / momentum state: Partitions named `<tensor>::<key>`, and scalars."""
+        return {}
+
+    def load_optimizer_state_dict(self, saved) -> None:
+        """Restore what optimizer_state_dict saved; `saved.read(name, start, end)` gives any slice."""
 
 
 class ZOMethod(Method):
@@ -126,7 +254,7 @@ class ZOMethod(Method):
     gradient g and accumulates g into its update, which it applies once per step."""
 
     @abstractmethod
-    def losses(self, t: int, dseed: int, batch, rt: Runtime) -> tuple[float, float, int]:
+    def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
         """(Σ loss at one point, Σ loss at the other, n) over this rank's `batch` for direction `dseed`."""
 
     def projected_gradient(self, a: float, b: float, n: float) -> float:
@@ -135,27 +263,27 @@ class ZOMethod(Method):
 
     @abstractmethod
     def accumulate(self, t: int, dseed: int, coeff: float) -> None:
-        """Add coeff * (this direction, on this rank's shards) to the step's update."""
+        """Add coeff * (this direction, on this rank's partitions) to the step's update."""
 
     @abstractmethod
     def update(self, t: int, lr: float) -> None:
-        """Apply the accumulated update to this rank's shards."""
+        """Apply the accumulated update to this rank's partitions."""
 
     @abstractmethod
     def discard(self) -> None:
         """Drop what accumulate() gathered this step (a skipped step)."""
 
-    def step(self, t: int, micro_batches: list, lr: float, rt: Runtime) -> StepStats:
+    def step(self, t: int, micro_batches: list, lr: float, runtime: ZORuntime) -> ZOStep:
         seed, n_dir = step_seed(self.run_seed, t), self.cfg.method.num_directions
-        clock, losses, grads = _Stopwatch(), [], []
+        clock, losses, grads = Stopwatch(), [], []
         for d in range(n_dir):
             dseed = direction_seed(seed, d)
             with clock("forward"):
                 sums = torch.zeros(3, dtype=torch.float64)
                 for batch in micro_batches:
-                    sums += torch.tensor(self.losses(t, dseed, batch, rt), dtype=torch.float64)
+                    sums += torch.tensor(self.losses(t, dseed, batch, runtime), dtype=torch.float64)
             with clock("all_reduce"):
-                a, b, n = rt.reduce_step(sums).tolist()      # the step's only collective: a few scalars
+                a, b, n = runtime.reduce_step(sums).tolist()      # the step's only collective: a few scalars
             g = self.projected_gradient(a, b, n)
             if math.isfinite(g):                          # the same on every rank: g comes from all-reduced sums
                 with clock("update"):
@@ -165,12 +293,13 @@ class ZOMethod(Method):
         skipped = not all(math.isfinite(g) for g in grads)  # a NaN/inf loss: no update at all this step
         with clock("update"):
             self.discard() if skipped else self.update(t, lr)
-        return StepStats(loss_plus=sum(x for x, _ in losses) / n_dir, loss_minus=sum(y for _, y in losses) / n_dir,
-                         proj_grad=grads[0], num_examples=int(n), lr=lr, proj_grads=grads, timings=dict(clock.totals),
-                         skipped=skipped)
+        return ZOStep(loss_plus=sum(x for x, _ in losses) / n_dir, loss_minus=sum(y for _, y in losses) / n_dir,
+                      proj_grads=grads, num_examples=int(n), lr=lr, timings=dict(clock.totals), skipped=skipped)
 
 
-class _Stopwatch:
+class Stopwatch:
+    """Seconds spent per phase of a step."""
+
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
 
@@ -179,76 +308,3 @@ class _Stopwatch:
         tic = time.perf_counter()
         yield
         self.totals[key] += time.perf_counter() - tic
-
-
-class DenseEstimate:
-    """ĝ = Σ_d coeff_d Z_d on this rank's shards (dense Gaussian Z), applied by a shard optimiser."""
-
-    def __init__(self, shards: dict[str, Shard], cfg, no_decay: frozenset = frozenset()) -> None:
-        self.shards = shards
-        self.optimizer = ShardOptimizer(cfg.optim, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
-                                        cfg.momentum, cfg.weight_decay, no_decay=no_decay)
-        self.estimate = {n: torch.zeros_like(s.local) for n, s in shards.items()}
-
-    def direction(self, dseed: int, shard: Shard) -> torch.Tensor:
-        return gaussian(dseed, shard.key, shard.start, shard.end, dtype=shard.local.dtype, device=shard.local.device)
-
-    def accumulate(self, dseed: int, coeff: float) -> None:
-        for name, s in self.shards.items():   # only the slice of Z this rank owns
-            self.estimate[name].add_(self.direction(dseed, s), alpha=coeff)
-
-    def apply(self, lr: float) -> None:
-        self.optimizer.step({n: (s.local, self.estimate[n]) for n, s in self.shards.items()}, lr)
-        self.discard()
-
-    def discard(self) -> None:
-        for e in self.estimate.values():
-            e.zero_()
-
-    def state_shards(self) -> dict[str, Shard]:
-        return {f"{n}::{k}": Shard(f"{n}::{k}", s.key, s.shape, s.start, s.end, t)
-                for n, s in self.shards.items() for k, t in self.optimizer.state.get(n, {}).items()}
-
-    def state_scalars(self) -> dict:
-        return {"optimizer_steps": self.optimizer.steps}
-
-    def load_state(self, reader, scalars: dict) -> None:
-        self.optimizer.steps = int(scalars["optimizer_steps"])
-        names = reader.names()
-        for n, s in self.shards.items():
-            for key in sorted(k for k in names if k.startswith(n + "::")):
-                self.optimizer.state.setdefault(n, {})[key[len(n) + 2:]] = reader.read(key, s.start, s.end).to(s.local)
-
-
-class DenseEstimateState:
-    """For methods whose update is a DenseEstimate in `self.estimate` (ZO-Act, MeZO): dropping a skipped step's
-    estimate and the checkpoint state (the optimiser's moments) are the estimate's."""
-
-    def discard(self) -> None:
-        self.estimate.discard()
-
-    def state_shards(self) -> dict[str, Shard]:
-        return self.estimate.state_shards()
-
-    def state_scalars(self) -> dict:
-        return self.estimate.state_scalars()
-
-    def load_state(self, reader, scalars: dict) -> None:
-        self.estimate.load_state(reader, scalars)
-
-
-def require_sgd(cfg, update: str) -> None:
-    """Methods whose update is SGD along their own low-rank direction (LOZO, AGZO) refuse another optim."""
-    if cfg.optim != "sgd":
-        from dszo.config import ConfigError
-
-        raise ConfigError(f"method {cfg.method.name} updates W with SGD along {update}; set optim: sgd "
-                          f"(got optim: {cfg.optim})")
-
-
-REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    REGISTRY[cls.name] = cls
-    return cls

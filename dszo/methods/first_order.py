@@ -18,14 +18,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dszo.config import ConfigError, register_method_config
-from dszo.methods.base import Method, Runtime, StepStats, register
-from dszo.methods.mezo import select_parameters
+from dszo.errors import ConfigError
+from dszo.methods.base import BackpropRuntime, Capabilities, FirstOrderStep, Method, plain_shape, refuse_quantized
+from dszo.methods.mezo import SUBSET_HINT, select_parameters
+from dszo.methods.registry import register
 from dszo.methods.zo_act import ZOAct, ZOActConfig
-from dszo.quantization import refuse
 
 
-@register_method_config("first_order")
 @dataclass
 class FirstOrderConfig(ZOActConfig):
     name: str = "first_order"
@@ -33,9 +32,19 @@ class FirstOrderConfig(ZOActConfig):
     # full: fnmatch patterns over parameter names ("*" = all of them); zo_act uses rank/target_modules/...
     trainable: list[str] = field(default_factory=lambda: ["*"])
 
+    def capabilities(self) -> Capabilities:
+        adapter = self.parameterization == "zo_act"
+        # Its optimiser state lives in DeepSpeed's training engine (not in dszo's checkpoints), its gradients are
+        # reduced over every rank (one partition group), and it logs no seeds to replay.
+        return Capabilities(zeroth_order=False, replayable=False, resumable=False, world_partition=True,
+                            writes_base_weights=not adapter, exports_adapter=adapter,
+                            result_file="adapter.safetensors" if adapter else "trainable.safetensors",
+                            calibration_examples=self.num_calibration if adapter else 0)
+
     def check_model(self, model) -> None:
         if self.parameterization == "full" and "*" in self.trainable:
-            refuse(self.name, model.quantization, "with parameterization full and trainable ['*'] updates every weight")
+            refuse_quantized(self.name, model.quantization, "with parameterization full and trainable ['*'] updates "
+                             "every weight", SUBSET_HINT)
 
     def validate(self) -> None:
         super().validate()
@@ -43,17 +52,15 @@ class FirstOrderConfig(ZOActConfig):
             raise ConfigError("method.trainable must name at least one parameter pattern")
 
 
-@register
 class FirstOrder(Method):
     name = "first_order"
 
     def __init__(self, cfg, run_seed: int) -> None:
         super().__init__(cfg, run_seed)
         self.adapters = ZOAct(cfg, run_seed) if cfg.method.parameterization == "zo_act" else None
-        if self.adapters is not None:
-            self.result_file = ZOAct.result_file
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
+        self.shape_of = shape_of
         if self.adapters is not None:
             self.adapters.attach(model)
             self.params = self.adapters.trainable()
@@ -70,8 +77,8 @@ class FirstOrder(Method):
 
     def torch_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
-        decay = [p for p in self.params.values() if len(getattr(p, "ds_shape", p.shape)) >= 2]
-        no_decay = [p for p in self.params.values() if len(getattr(p, "ds_shape", p.shape)) < 2]
+        decay = [p for p in self.params.values() if len(self.shape_of(p)) >= 2]
+        no_decay = [p for p in self.params.values() if len(self.shape_of(p)) < 2]
         groups = [g for g in ({"params": decay, "weight_decay": c.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         if c.optim == "adam":
@@ -81,26 +88,28 @@ class FirstOrder(Method):
             self.optimizer = torch.optim.SGD(groups, lr=c.learning_rate, momentum=c.momentum if c.optim == "momentum" else 0.0)
         return self.optimizer
 
-    def setup(self, rt: Runtime, calibration_batches: list) -> None:
-        self.shards = {n: rt.shard(n, p) for n, p in self.params.items()}
+    def prepare(self, runtime: BackpropRuntime, calibration_batches: list | None) -> None:
         if self.adapters is not None:
-            self.adapters.compute_bases(rt, calibration_batches)
+            self.adapters.compute_bases(runtime, calibration_batches)
 
-    def step(self, t: int, micro_batches: list, lr: float, rt: Runtime) -> StepStats:
+    def step(self, t: int, micro_batches: list, lr: float, runtime: BackpropRuntime) -> FirstOrderStep:
         tic = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # The engine averages gradients over ranks and micro-batches; scale each micro-batch's loss sum so
         # that the result is the gradient of the mean over the whole global batch (n_global examples).
         local_n = sum(int(b.valid.sum()) for b in micro_batches)
-        n_global = float(rt.all_reduce_sum(torch.tensor([float(local_n)], dtype=torch.float64))[0])
-        scale = len(micro_batches) * rt.world_size / n_global
+        n_global = float(runtime.all_reduce_sum(torch.tensor([float(local_n)], dtype=torch.float64))[0])
+        scale = len(micro_batches) * runtime.world_size / n_global
         total = 0.0
         for batch in micro_batches:
-            loss_sum, _ = rt.loss_sum_with_grad(batch)
-            rt.backward(loss_sum * scale)
-            rt.optimizer_step()              # DeepSpeed steps the optimiser at the accumulation boundary
+            loss_sum, _ = runtime.loss_sum_with_grad(batch)
+            runtime.backward(loss_sum * scale)
+            runtime.optimizer_step()              # DeepSpeed steps the optimiser at the accumulation boundary
             total += float(loss_sum.detach())
-        loss = float(rt.reduce_step(torch.tensor([total], dtype=torch.float64))[0]) / n_global
-        return StepStats(loss_plus=loss, loss_minus=loss, proj_grad=0.0, num_examples=int(n_global), lr=lr,
-                         timings={"forward_backward": time.perf_counter() - tic})
+        loss = float(runtime.reduce_step(torch.tensor([total], dtype=torch.float64))[0]) / n_global
+        return FirstOrderStep(loss=loss, num_examples=int(n_global), lr=lr,
+                              timings={"forward_backward": time.perf_counter() - tic})
+
+
+register(FirstOrderConfig, FirstOrder)

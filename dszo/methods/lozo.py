@@ -14,17 +14,19 @@ with plain SGD for LOZO and the same momentum rule (N ← β N + (1-β) ĝ) for 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
-from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
-from dszo.methods.base import Runtime, Shard, ZOMethod, register, require_sgd
+from dszo.errors import ConfigError
+from dszo.methods.base import Capabilities, MethodConfig, Partition, ZOMethod, ZORuntime, plain_shape, require_sgd
+from dszo.methods.estimates import VectorEstimate, apply_low_rank_rows, partition_rows
 from dszo.methods.layers import wrap_linear_layers
-from dszo.methods.vectors import VectorEstimate, VectorPerturbation, perturb_bias, unsupported_vectors, wrap_norms
-from dszo.quantization import refuse
+from dszo.methods.perturbation import Perturbation
+from dszo.methods.registry import register
+from dszo.methods.vectors import perturb_bias, train_vectors
 
 _V_STREAM = 0x1A2F
 
@@ -34,7 +36,6 @@ def v_seed(run_seed: int, t: int, lazy_interval: int) -> int:
     return mix(run_seed, _V_STREAM, t // lazy_interval)
 
 
-@register_method_config("lozo")
 @dataclass
 class LOZOConfig(MethodConfig):
     name: str = "lozo"
@@ -45,8 +46,10 @@ class LOZOConfig(MethodConfig):
     momentum: float = 0.0              # β; > 0 keeps momentum in the small space (LOZO-M)
     train_1d: bool = True              # also train norm scales and biases, with dense directions
 
-    def check_model(self, model) -> None:
-        refuse(self.name, model.quantization, "writes its low-rank update U Vᵀ into the base weights")
+    base_update: ClassVar[str] = "writes its low-rank update U Vᵀ into the base weights"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(writes_base_weights=True)
 
     def validate(self) -> None:
         super().validate()
@@ -56,76 +59,30 @@ class LOZOConfig(MethodConfig):
             raise ConfigError(f"method.momentum must lie in [0, 1), got {self.momentum}")
 
 
-@register_method_config("lozo_m")
 @dataclass
 class LOZOMConfig(LOZOConfig):
     name: str = "lozo_m"
     momentum: float = 0.9
 
 
-def shard_rows(s: Shard) -> tuple[int, int]:
-    """Rows [r0, r1) of a 2-D weight that the flat partition [start, end) touches."""
-    n = s.shape[1]
-    return s.start // n, max(s.start, s.end - 1) // n + 1
-
-
-def apply_low_rank_rows(s: Shard, u_rows: torch.Tensor, v: torch.Tensor, lr: float) -> None:
-    """W[start:end] (flat) -= lr * (U Vᵀ)[the same elements], given the rows shard_rows(s) of U: each rank
-    forms only the rows of U Vᵀ its partition holds."""
-    if s.local.numel() == 0:
-        return
-    n = s.shape[1]
-    r0 = s.start // n
-    block = (u_rows @ v.T).reshape(-1)
-    s.local.add_(block[s.start - r0 * n: s.end - r0 * n].to(s.local.dtype), alpha=-lr)
-
-
-class LowRankPerturbation:
-    """Shared by the wrapped layers: which U, V (if any) the current forward applies."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.eps, self.sign = 0.0, None
-        self.u: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-
-
 class LowRankPerturbedLinear(nn.Module):
-    def __init__(self, base: nn.Linear, name: str, ctx: LowRankPerturbation, vctx: VectorPerturbation) -> None:
+    """W x ± ε U (Vᵀ x) (and the bias' dense term) while the method measures; U, V from the perturbation."""
+
+    def __init__(self, base: nn.Linear, name: str, perturbation: Perturbation) -> None:
         super().__init__()
         self.base, self.name = base, name
-        self.key = tensor_key(f"{name}.base.weight")
-        object.__setattr__(self, "_ctx", ctx)
-        object.__setattr__(self, "_vctx", vctx)
+        self.key, self.key_bias = tensor_key(f"{name}.base.weight"), tensor_key(f"{name}.base.bias")
+        object.__setattr__(self, "_perturbation", perturbation)  # shared state, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = perturb_bias(self._vctx, self.base(x), self.name, self.base)
-        ctx = self._ctx
-        if not ctx.active:
+        p = self._perturbation
+        y = perturb_bias(p, self.base(x), self.key_bias, self.base)
+        if not p.active:
             return y
-        u, v = ctx.u[self.key].to(x.device), ctx.v[self.key].to(x.device)
-        h = (x.to(v.dtype) @ v) @ u.T                       # ε U (Vᵀ x) without forming U Vᵀ
-        if ctx.sign is None:                                # doubled batch: +ε on the first half, -ε on the second
-            half = x.shape[0] // 2
-            y[:half] += (ctx.eps * h[:half]).to(y.dtype)
-            y[half:] -= (ctx.eps * h[half:]).to(y.dtype)
-            return y
-        return y.add_((ctx.sign * ctx.eps * h).to(y.dtype))
+        u, v = (d.to(x.device) for d in p.directions[self.key])
+        return p.add(y, (x.to(v.dtype) @ v) @ u.T)          # ε U (Vᵀ x) without forming U Vᵀ
 
 
-def train_vectors(model: nn.Module, enabled: bool, linears: dict,
-                  vctx: VectorPerturbation) -> tuple[dict[str, nn.Parameter], list[str]]:
-    """The 1-D tensors trained with dense directions -- every supported norm's scale/shift and the biases of
-    the wrapped linear layers -- and the 1-D tensors left frozen for want of a functional perturbation
-    (none of either when `enabled` is false)."""
-    if not enabled:
-        return {}, []
-    vectors = wrap_norms(model, vctx)
-    vectors.update({f"{n}.base.bias": w.base.bias for n, w in linears.items() if w.base.bias is not None})
-    return vectors, unsupported_vectors(model, vectors)
-
-
-@register
 class LOZO(ZOMethod):
     name = "lozo"
 
@@ -133,60 +90,43 @@ class LOZO(ZOMethod):
         super().__init__(cfg, run_seed)
         require_sgd(cfg, "U Vᵀ (LOZO-M: with its own momentum, method.momentum)")
 
-    def attach(self, model: nn.Module) -> None:
-        self.ctx, self.vctx = LowRankPerturbation(), VectorPerturbation()
-        wrapped = wrap_linear_layers(model, self.cfg.method.target_modules, lambda name, linear: LowRankPerturbedLinear(
-            linear, name, self.ctx, self.vctx))
+    def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
+        self.perturbation = Perturbation()
+        wrapped = wrap_linear_layers(model, self.cfg.method.target_modules,
+                                     lambda name, linear: LowRankPerturbedLinear(linear, name, self.perturbation))
         self.layers: dict[str, LowRankPerturbedLinear] = {f"{n}.base.weight": w for n, w in wrapped.items()}
-        self.vectors, self.frozen_1d = train_vectors(model, self.cfg.method.train_1d, wrapped, self.vctx)
+        self.vectors, self.frozen_1d = train_vectors(model, self.cfg.method.train_1d, wrapped, self.perturbation,
+                                                     shape_of)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {**{n: layer.base.weight for n, layer in self.layers.items()}, **self.vectors}
 
-    def setup(self, rt: Runtime, calibration_batches: list) -> None:
-        self.shards = {n: rt.shard(n, p) for n, p in self.trainable().items()}
-        self.matrices = {n: self.shards[n] for n in self.layers}
-        self.dims = {n: (s.shape[0], s.shape[1]) for n, s in self.matrices.items()}
-        self.rows = {n: shard_rows(s) for n, s in self.matrices.items()}  # rows of W (and U, N) this rank touches
+    def prepare(self, runtime: ZORuntime, calibration_batches: list | None) -> None:
+        self.matrices = {n: self.partitions[n] for n in self.layers}
+        self.dims = {n: (p.shape[0], p.shape[1]) for n, p in self.matrices.items()}
+        self.rows = {n: partition_rows(p) for n, p in self.matrices.items()}  # rows of W (and U, N) this rank touches
         self.u_sum: dict[str, torch.Tensor] = {}
         self.momentum_buf: dict[str, Optional[torch.Tensor]] = {n: None for n in self.matrices}
-        self.vector_estimate = VectorEstimate({n: self.shards[n] for n in self.vectors}, self.cfg.method.momentum)
+        self.vector_estimate = VectorEstimate({n: self.partitions[n] for n in self.vectors}, self.cfg.method.momentum)
 
     # -- directions -----------------------------------------------------------------------------------
     def _v(self, t: int, name: str) -> torch.Tensor:
         m, n = self.dims[name]
         r = self.cfg.method.rank
         seed = v_seed(self.run_seed, t, self.cfg.method.lazy_interval)
-        return gaussian(seed, self.shards[name].key, 0, n * r).view(n, r)
+        return gaussian(seed, self.partitions[name].key, 0, n * r).view(n, r)
 
     def _u_rows(self, dseed: int, name: str, r0: int, r1: int) -> torch.Tensor:
         r = self.cfg.method.rank
-        return gaussian(dseed, self.shards[name].key, r0 * r, r1 * r).view(r1 - r0, r)
+        return gaussian(dseed, self.partitions[name].key, r0 * r, r1 * r).view(r1 - r0, r)
 
     # -- the step -------------------------------------------------------------------------------------
-    def losses(self, t: int, dseed: int, batch, rt: Runtime) -> tuple[float, float, int]:
+    def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
         m = self.cfg.method
         for name, layer in self.layers.items():
-            self.ctx.u[layer.key] = self._u_rows(dseed, name, 0, self.dims[name][0])
-            self.ctx.v[layer.key] = self._v(t, name)
-        self.ctx.active, self.ctx.eps = True, m.zo_eps
-        try:
-            if m.functional_perturbation:
-                self.ctx.sign = None
-                self.vctx.set(dseed, m.zo_eps, None)
-                return rt.loss_sums(batch, doubled=True)
-            self.ctx.sign = +1.0
-            self.vctx.set(dseed, m.zo_eps, +1.0)
-            lp, _, n = rt.loss_sums(batch, doubled=False)
-            self.ctx.sign = -1.0
-            self.vctx.set(dseed, m.zo_eps, -1.0)
-            lm, _, _ = rt.loss_sums(batch, doubled=False)
-            return lp, lm, n
-        finally:
-            self.ctx.active = False
-            self.ctx.u.clear()
-            self.ctx.v.clear()
-            self.vctx.off()
+            self.perturbation.directions[layer.key] = (self._u_rows(dseed, name, 0, self.dims[name][0]),
+                                                       self._v(t, name))
+        return self.perturbation.measure(runtime, batch, dseed, m.zo_eps, doubled=m.functional_perturbation)
 
     def accumulate(self, t: int, dseed: int, coeff: float) -> None:
         self.vector_estimate.accumulate(dseed, coeff)
@@ -199,8 +139,8 @@ class LOZO(ZOMethod):
         beta = self.cfg.method.momentum
         redraw = t > 0 and t % self.cfg.method.lazy_interval == 0
         self.vector_estimate.apply(lr)
-        for name, s in self.matrices.items():
-            if s.local.numel() == 0:
+        for name, part in self.matrices.items():
+            if part.local.numel() == 0:
                 continue
             v = self._v(t, name)
             step_dir = self.u_sum.pop(name)                 # Σ_d g_d U_d (rows of this rank): the LOZO update
@@ -211,31 +151,35 @@ class LOZO(ZOMethod):
                 buf = step_dir.mul_(1 - beta) if buf is None else buf.mul_(beta).add_(step_dir, alpha=1 - beta)
                 self.momentum_buf[name] = buf
                 step_dir = buf
-            apply_low_rank_rows(s, step_dir, v, lr)
+            apply_low_rank_rows(part, step_dir, v, lr)
 
     def discard(self) -> None:
         self.vector_estimate.discard()
         self.u_sum.clear()
 
     # -- checkpoints: LOZO-M's momentum, rows [r0, r1) of N (m x r) per matrix, and of the 1-D tensors ------
-    def state_shards(self) -> dict[str, Shard]:
-        r, out = self.cfg.method.rank, self.vector_estimate.state_shards()
+    def optimizer_state_dict(self) -> dict:
+        r, out = self.cfg.method.rank, self.vector_estimate.state_dict()
         for name, buf in self.momentum_buf.items():
             if buf is not None:
                 (r0, r1), m = self.rows[name], self.dims[name][0]
-                out[f"{name}::momentum_N"] = Shard(f"{name}::momentum_N", 0, (m, r), r0 * r, r1 * r, buf.reshape(-1))
+                out[f"{name}::momentum_N"] = Partition(f"{name}::momentum_N", 0, (m, r), r0 * r, r1 * r,
+                                                       buf.reshape(-1))
         return out
 
-    def load_state(self, reader, scalars: dict) -> None:
-        self.vector_estimate.load_state(reader)
+    def load_optimizer_state_dict(self, saved) -> None:
+        self.vector_estimate.load_state_dict(saved)
         r = self.cfg.method.rank
         for name in self.momentum_buf:
             key = f"{name}::momentum_N"
-            if key in reader.names() and self.matrices[name].local.numel():
+            if key in saved.names() and self.matrices[name].local.numel():
                 r0, r1 = self.rows[name]
-                self.momentum_buf[name] = reader.read(key, r0 * r, r1 * r).view(r1 - r0, r)
+                self.momentum_buf[name] = saved.read(key, r0 * r, r1 * r).view(r1 - r0, r)
 
 
-@register
 class LOZOM(LOZO):
     name = "lozo_m"
+
+
+register(LOZOConfig, LOZO)
+register(LOZOMConfig, LOZOM)

@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dszo.config import ConfigError, MethodConfig, register_method_config
-from dszo.methods.base import DenseEstimate, DenseEstimateState, Runtime, ZOMethod, register
-from dszo.quantization import is_quantized, refuse
+from dszo.errors import ConfigError
+from dszo.methods.base import Capabilities, MethodConfig, ZOMethod, ZORuntime, plain_shape, refuse_quantized
+from dszo.methods.estimates import DenseEstimate, DenseEstimateState, dense_direction
+from dszo.methods.registry import register
+from dszo.quantization import is_quantized
+
+SUBSET_HINT = "restrict method.trainable to unquantized tensors (e.g. ['*norm*']), "
 
 
-@register_method_config("mezo")
 @dataclass
 class MeZOConfig(MethodConfig):
     name: str = "mezo"
@@ -27,9 +30,13 @@ class MeZOConfig(MethodConfig):
     # Which parameters are trained: fnmatch patterns over parameter names ("*" = all of them).
     trainable: list[str] = field(default_factory=lambda: ["*"])
 
+    def capabilities(self) -> Capabilities:
+        return Capabilities(writes_base_weights=True)   # its quantized tensors are refused at attach
+
     def check_model(self, model) -> None:
         if "*" in self.trainable:   # all parameters: certainly the quantized linear weights (others: at attach)
-            refuse(self.name, model.quantization, "with method.trainable ['*'] writes into every weight")
+            refuse_quantized(self.name, model.quantization, "with method.trainable ['*'] writes into every weight",
+                             SUBSET_HINT)
 
     def validate(self) -> None:
         super().validate()
@@ -44,43 +51,41 @@ def select_parameters(model: nn.Module, patterns: list[str], method: str, quanti
         raise ValueError(f"method.trainable {patterns} matched no parameter of the model")
     quantized = [n for n, p in params.items() if is_quantized(p)]
     if quantized:
-        refuse(method, quantization, f"would write into {len(quantized)} quantized tensors matched by method.trainable "
-                                     f"{patterns} (e.g. {quantized[0]})")
+        refuse_quantized(method, quantization, f"would write into {len(quantized)} quantized tensors matched by "
+                                               f"method.trainable {patterns} (e.g. {quantized[0]})", SUBSET_HINT)
     return params
 
 
-@register
 class MeZO(DenseEstimateState, ZOMethod):
     name = "mezo"
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
         self.params = select_parameters(model, self.cfg.method.trainable, self.name, self.cfg.model.quantization)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return self.params
 
-    def setup(self, rt: Runtime, calibration_batches: list) -> None:
-        self.shards = {n: rt.shard(n, p) for n, p in self.params.items()}
-        no_decay = frozenset(n for n, s in self.shards.items() if len(s.shape) < 2)
-        self.estimate = DenseEstimate(self.shards, self.cfg, no_decay=no_decay)
-        self.backup = {n: torch.empty_like(s.local) for n, s in self.shards.items()}
+    def prepare(self, runtime: ZORuntime, calibration_batches: list | None) -> None:
+        no_decay = frozenset(n for n, p in self.partitions.items() if len(p.shape) < 2)
+        self.estimate = DenseEstimate(self.partitions, self.cfg, no_decay=no_decay)
+        self.backup = {n: torch.empty_like(p.local) for n, p in self.partitions.items()}
 
     def _perturb(self, dseed: int, scale: float) -> None:
-        for name, s in self.shards.items():
-            s.local.copy_(self.backup[name]).add_(self.estimate.direction(dseed, s), alpha=scale)
+        for name, part in self.partitions.items():
+            part.local.copy_(self.backup[name]).add_(dense_direction(dseed, part), alpha=scale)
 
-    def losses(self, t: int, dseed: int, batch, rt: Runtime) -> tuple[float, float, int]:
+    def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
         eps = self.cfg.method.zo_eps
-        for name, s in self.shards.items():
-            self.backup[name].copy_(s.local)
+        for name, part in self.partitions.items():
+            self.backup[name].copy_(part.local)
         try:
             self._perturb(dseed, +eps)
-            lp, _, n = rt.loss_sums(batch, doubled=False)
+            lp, _, n = runtime.loss_sums(batch, doubled=False)
             self._perturb(dseed, -eps)
-            lm, _, _ = rt.loss_sums(batch, doubled=False)
+            lm, _, _ = runtime.loss_sums(batch, doubled=False)
         finally:
-            for name, s in self.shards.items():
-                s.local.copy_(self.backup[name])
+            for name, part in self.partitions.items():
+                part.local.copy_(self.backup[name])
         return lp, lm, n
 
     def accumulate(self, t: int, dseed: int, coeff: float) -> None:
@@ -88,3 +93,6 @@ class MeZO(DenseEstimateState, ZOMethod):
 
     def update(self, t: int, lr: float) -> None:
         self.estimate.apply(lr)
+
+
+register(MeZOConfig, MeZO)

@@ -17,16 +17,18 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from dszo.config import ConfigError, MethodConfig, register_method_config
 from dszo.directions import gaussian, mix, tensor_key
-from dszo.methods.base import DenseEstimate, DenseEstimateState, Runtime, ZOMethod, register
+from dszo.errors import ConfigError
+from dszo.methods.base import Capabilities, MethodConfig, ZOMethod, ZORuntime, plain_shape
+from dszo.methods.estimates import DenseEstimate, DenseEstimateState
 from dszo.methods.layers import wrap_linear_layers
+from dszo.methods.perturbation import Perturbation
+from dszo.methods.registry import register
 from dszo.subspace import nystrom_basis, orthonormalize, sketch_width
 
 _BASIS_STREAM = 0xBA515
 
 
-@register_method_config("zo_act")
 @dataclass
 class ZOActConfig(MethodConfig):
     name: str = "zo_act"
@@ -43,6 +45,10 @@ class ZOActConfig(MethodConfig):
     # same in every layer (input norms differ by >100x across a Llama's layers); see README.
     basis_scale: Literal["orthonormal", "unit_rms"] = "orthonormal"
 
+    def capabilities(self) -> Capabilities:
+        return Capabilities(result_file="adapter.safetensors", exports_adapter=True,
+                            calibration_examples=self.num_calibration)
+
     def validate(self) -> None:
         super().validate()
         if self.rank < 1:
@@ -53,74 +59,51 @@ class ZOActConfig(MethodConfig):
             raise ConfigError("method.basis_power_iters and method.basis_oversample must be >= 0")
 
 
-class LayerPerturbation:
-    """What the adapted layers do in the current forward; one object shared by all of them."""
+class Calibration:
+    """Shared by the adapted layers while the bases are computed: on, and which tokens of the batch count."""
 
     def __init__(self) -> None:
-        self.mode = "off"                     # off | perturb | calibrate
-        self.seed = 0
-        self.eps = 0.0
-        self.sign: Optional[float] = None     # None: doubled batch (first half +eps, second half -eps)
+        self.active = False
         self.token_mask: Optional[torch.Tensor] = None
-        self._z: dict[int, torch.Tensor] = {}
-
-    def perturb(self, seed: int, eps: float, sign: Optional[float]) -> None:
-        if seed != self.seed:
-            self._z.clear()
-        self.mode, self.seed, self.eps, self.sign = "perturb", seed, eps, sign
-
-    def off(self) -> None:
-        self.mode = "off"
-        self._z.clear()
-
-    def z(self, key: int, shape: torch.Size, device) -> torch.Tensor:
-        """The whole direction of one coefficient matrix (the forward needs all of it; it is m x r)."""
-        if key not in self._z:
-            self._z[key] = gaussian(self.seed, key, 0, shape.numel(), device=device).view(shape)
-        return self._z[key]
 
 
 class ZOActLinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, ctx: LayerPerturbation, key_B: int) -> None:
+    def __init__(self, base: nn.Linear, rank: int, perturbation: Perturbation, calibration: Calibration,
+                 key_B: int) -> None:
         super().__init__()
         self.base = base
         self.zo_V = nn.Parameter(torch.zeros(base.in_features, rank), requires_grad=False)
         self.zo_B = nn.Parameter(torch.zeros(base.out_features, rank), requires_grad=False)
-        object.__setattr__(self, "_ctx", ctx)  # shared state, not a submodule
+        object.__setattr__(self, "_perturbation", perturbation)  # shared state, not submodules
+        object.__setattr__(self, "_calibration", calibration)
         self.key_B = key_B  # directions.tensor_key of this layer's B
         self.sketch_q: Optional[torch.Tensor] = None   # calibration iterate (n x k), not sharded
         self.sketch_s: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        ctx = self._ctx
-        if ctx.mode == "calibrate":
-            h = x.reshape(-1, x.shape[-1])[ctx.token_mask].to(self.sketch_q.dtype)
+        if self._calibration.active:
+            h = x.reshape(-1, x.shape[-1])[self._calibration.token_mask].to(self.sketch_q.dtype)
             self.sketch_s += h.T @ (h @ self.sketch_q)
             return y
         h = x.to(self.zo_V.dtype) @ self.zo_V                 # [..., r]: the only projection of x formed
-        b = self.zo_B
-        if ctx.mode == "perturb":
-            z = ctx.z(self.key_B, b.shape, h.device)
-            if ctx.sign is None:                              # doubled batch: (B+εZ) on the first half, (B-εZ) on the second
-                half = x.shape[0] // 2
-                y[:half] += (h[:half] @ (b + ctx.eps * z).T).to(y.dtype)
-                y[half:] += (h[half:] @ (b - ctx.eps * z).T).to(y.dtype)
-                return y
-            b = b + (ctx.sign * ctx.eps) * z
-        return y.add_((h @ b.T).to(y.dtype))                  # in place: no second output-sized buffer
+        b, p = self.zo_B, self._perturbation
+        if not p.active:
+            return y.add_((h @ b.T).to(y.dtype))              # in place: no second output-sized buffer
+        z = p.dense(self.key_B, b.numel(), h.device).view(b.shape)
+        for rows, sign in p.row_signs(x.shape[0]):            # (B ± εZ) on the rows measured at θ ± εZ
+            y[rows] += (h[rows] @ (b + (sign * p.eps) * z).T).to(y.dtype)
+        return y
 
 
-@register
 class ZOAct(DenseEstimateState, ZOMethod):
     name = "zo_act"
-    result_file = "adapter.safetensors"
 
-    def attach(self, model: nn.Module) -> None:
-        self.ctx = LayerPerturbation()
+    def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
+        self.perturbation, self.calibration = Perturbation(), Calibration()
         self.adapters: dict[str, ZOActLinear] = wrap_linear_layers(
-            model, self.cfg.method.target_modules, lambda name, linear: ZOActLinear(linear, self.cfg.method.rank, self.ctx,
-                                                                                    tensor_key(f"{name}.zo_B")))
+            model, self.cfg.method.target_modules, lambda name, linear: ZOActLinear(
+                linear, self.cfg.method.rank, self.perturbation, self.calibration, tensor_key(f"{name}.zo_B")))
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {f"{n}.zo_B": a.zo_B for n, a in self.adapters.items()}
@@ -128,13 +111,12 @@ class ZOAct(DenseEstimateState, ZOMethod):
     def extra_state(self) -> dict[str, nn.Parameter]:
         return {f"{n}.zo_V": a.zo_V for n, a in self.adapters.items()}
 
-    def setup(self, rt: Runtime, calibration_batches: list) -> None:
-        self.shards = {n: rt.shard(n, p) for n, p in self.trainable().items()}
+    def prepare(self, runtime: ZORuntime, calibration_batches: list | None) -> None:
         if calibration_batches is not None:   # None: the bases come from a checkpoint
-            self.compute_bases(rt, calibration_batches)
-        self.estimate = DenseEstimate(self.shards, self.cfg)
+            self.compute_bases(runtime, calibration_batches)
+        self.estimate = DenseEstimate(self.partitions, self.cfg)
 
-    def compute_bases(self, rt: Runtime, batches: list) -> None:
+    def compute_bases(self, runtime: ZORuntime, batches: list) -> None:
         """V = top-r eigenvectors of Σ h hᵀ over the calibration data of all ranks (randomized power
         iteration on all-reduced sketches, then a Nyström step)."""
         m = self.cfg.method
@@ -145,15 +127,7 @@ class ZOAct(DenseEstimateState, ZOMethod):
             a.sketch_q = orthonormalize(start.view(n, k).double())
         tokens = sum(int(b.token_mask().sum()) for b in batches)
         for it in range(m.basis_power_iters + 1):
-            for a in self.adapters.values():
-                a.sketch_s = torch.zeros_like(a.sketch_q)
-            self.ctx.mode = "calibrate"
-            for batch in batches:
-                self.ctx.token_mask = batch.token_mask().reshape(-1)
-                rt.forward(batch)
-            self.ctx.off()
-            flat = rt.all_reduce_sum(torch.cat([a.sketch_s.reshape(-1) for a in self.adapters.values()]
-                                               + [torch.tensor([float(tokens)], dtype=torch.float64)]))
+            flat = self._sketch_pass(runtime, batches, tokens)
             total_tokens, offset = float(flat[-1]), 0
             for name, a in self.adapters.items():
                 s = flat[offset:offset + a.sketch_s.numel()].view_as(a.sketch_s)
@@ -161,29 +135,42 @@ class ZOAct(DenseEstimateState, ZOMethod):
                 if it < m.basis_power_iters:
                     a.sketch_q = orthonormalize(s)
                 else:
-                    v, evals = nystrom_basis(a.sketch_q, s, m.rank)
-                    if m.basis_scale == "unit_rms":  # Vᵀh gets unit mean square over the calibration tokens
-                        mean_sq = evals / total_tokens
-                        v = v / mean_sq.clamp(min=1e-6 * float(mean_sq[0]) + 1e-30).sqrt()
-                    shard = rt.shard(f"{name}.zo_V", a.zo_V)
-                    shard.local.copy_(v.reshape(-1)[shard.start:shard.end].to(shard.local.dtype))
-                    a.sketch_q = a.sketch_s = None
+                    self._set_basis(runtime, name, a, s, total_tokens)
 
-    def losses(self, t: int, dseed: int, batch, rt: Runtime) -> tuple[float, float, int]:
-        eps = self.cfg.method.zo_eps
-        if self.cfg.method.functional_perturbation:   # one forward over [batch; batch]: L+ and L-
-            self.ctx.perturb(dseed, eps, sign=None)
-            lp, lm, n = rt.loss_sums(batch, doubled=True)
-        else:                                        # two forwards, +eps then -eps
-            self.ctx.perturb(dseed, eps, sign=+1.0)
-            lp, _, n = rt.loss_sums(batch, doubled=False)
-            self.ctx.perturb(dseed, eps, sign=-1.0)
-            lm, _, _ = rt.loss_sums(batch, doubled=False)
-        self.ctx.off()
-        return lp, lm, n
+    def _sketch_pass(self, runtime: ZORuntime, batches: list, tokens: int) -> torch.Tensor:
+        """Σ h hᵀ Q of every layer over this rank's calibration batches, all-reduced (with the token count)."""
+        for a in self.adapters.values():
+            a.sketch_s = torch.zeros_like(a.sketch_q)
+        self.calibration.active = True
+        try:
+            for batch in batches:
+                self.calibration.token_mask = batch.token_mask().reshape(-1)
+                runtime.forward(batch)
+        finally:
+            self.calibration.active = False
+        return runtime.all_reduce_sum(torch.cat([a.sketch_s.reshape(-1) for a in self.adapters.values()]
+                                                + [torch.tensor([float(tokens)], dtype=torch.float64)]))
+
+    def _set_basis(self, runtime: ZORuntime, name: str, a: ZOActLinear, sketch: torch.Tensor,
+                   total_tokens: float) -> None:
+        m = self.cfg.method
+        v, evals = nystrom_basis(a.sketch_q, sketch, m.rank)
+        if m.basis_scale == "unit_rms":  # Vᵀh gets unit mean square over the calibration tokens
+            mean_sq = evals / total_tokens
+            v = v / mean_sq.clamp(min=1e-6 * float(mean_sq[0]) + 1e-30).sqrt()
+        part = runtime.partition(f"{name}.zo_V", a.zo_V)
+        part.local.copy_(v.reshape(-1)[part.start:part.end].to(part.local.dtype))
+        a.sketch_q = a.sketch_s = None
+
+    def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
+        m = self.cfg.method   # functional: one forward over [batch; batch] gives L+ and L-; else two forwards
+        return self.perturbation.measure(runtime, batch, dseed, m.zo_eps, doubled=m.functional_perturbation)
 
     def accumulate(self, t: int, dseed: int, coeff: float) -> None:
         self.estimate.accumulate(dseed, coeff)
 
     def update(self, t: int, lr: float) -> None:
         self.estimate.apply(lr)
+
+
+register(ZOActConfig, ZOAct)

@@ -3,15 +3,15 @@ owns every element and the all-reduce is the identity. Multi-rank behaviour is t
 import torch
 
 from dszo.directions import tensor_key
-from dszo.methods.base import Shard
+from dszo.methods.base import Partition
 
 
 class LocalRuntime:
     def __init__(self, model):
         self.model = model
 
-    def shard(self, name, p):
-        return Shard(name, tensor_key(name), tuple(p.shape), 0, p.numel(), p.data.view(-1))
+    def partition(self, name, p):
+        return Partition(name, tensor_key(name), tuple(p.shape), 0, p.numel(), p.data.view(-1))
 
     def forward(self, batch):
         with torch.no_grad():

@@ -67,7 +67,7 @@ def test_zo_act_mean_estimate_approaches_gradient_of_B():
     out = layer.base(x) + (x @ layer.zo_V) @ b.T
     (0.5 * (out - target).pow(2).sum((1, 2)).mean()).backward()
     true = b.grad
-    N, shard = 3000, m.shards["0.zo_B"]
+    N, shard = 3000, m.partitions["0.zo_B"]
     mean = torch.zeros_like(true).view(-1)
     for d in range(N):
         dseed = direction_seed(step_seed(0, 0), d)

@@ -4,7 +4,9 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from dszo.methods.vectors import PerturbedNorm, VectorPerturbation, perturb_bias, unsupported_vectors, wrap_norms
+from dszo.directions import tensor_key
+from dszo.methods.perturbation import DOUBLED, Perturbation
+from dszo.methods.vectors import PerturbedNorm, perturb_bias, unsupported_vectors, wrap_norms
 from tolerances import U, reduction_rel
 
 
@@ -27,14 +29,14 @@ def test_perturbed_norm_equals_perturbed_scale_and_shift(kind):
         for p in base.parameters():
             p.add_(torch.randn_like(p))
     root = nn.Sequential(base)
-    ctx = VectorPerturbation()
+    ctx = Perturbation()
     params = wrap_norms(root, ctx)
     assert set(params) == ({"0.base.weight"} if kind == "rms" else {"0.base.weight", "0.base.bias"})
     x = torch.randn(3, 5, 16)
-    ctx.set(seed=7, eps=1e-2, sign=None)
+    ctx.set(seed=7, eps=1e-2, sign=DOUBLED)
     with torch.no_grad():
         doubled = root(torch.cat([x, x]))
-    z = {n: ctx.z(n, 16, "cpu") for n in params}
+    z = {n: ctx.dense(tensor_key(n), 16, "cpu") for n in params}
     ctx.off()
     # the reference: write w ± εz_w (and b ± εz_b) into the plain module
     plain = base
@@ -54,14 +56,14 @@ def test_perturbed_norm_equals_perturbed_scale_and_shift(kind):
 def test_bias_perturbation_and_one_sided_sign():
     torch.manual_seed(0)
     lin = nn.Linear(4, 6)
-    ctx = VectorPerturbation()
+    ctx = Perturbation()
     x = torch.randn(2, 4)
     ctx.set(seed=3, eps=0.5, sign=+1.0)
-    y = perturb_bias(ctx, lin(x).detach(), "fc", lin)
-    z = ctx.z("fc.base.bias", 6, "cpu")
+    y = perturb_bias(ctx, lin(x).detach(), tensor_key("fc.base.bias"), lin)
+    z = ctx.dense(tensor_key("fc.base.bias"), 6, "cpu")
     ctx.off()
     torch.testing.assert_close(y, lin(x).detach() + 0.5 * z, rtol=0, atol=0)  # the same two fp32 operations
-    assert torch.equal(perturb_bias(ctx, lin(x).detach(), "fc", lin), lin(x).detach())  # off: untouched
+    assert torch.equal(perturb_bias(ctx, lin(x).detach(), tensor_key("fc.base.bias"), lin), lin(x).detach())  # off: untouched
 
 
 def test_unsupported_1d_tensors_are_listed():
@@ -71,6 +73,6 @@ def test_unsupported_1d_tensors_are_listed():
             self.gain = nn.Parameter(torch.ones(4))
 
     root = nn.Sequential(nn.LayerNorm(4), Scale())
-    trained = wrap_norms(root, VectorPerturbation())
+    trained = wrap_norms(root, Perturbation())
     assert unsupported_vectors(root, trained) == ["1.gain"]
     assert isinstance(root[0], PerturbedNorm)

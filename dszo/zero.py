@@ -1,5 +1,6 @@
-"""The parallel side: the model under a forward-only DeepSpeed ZeRO-3 engine, and the runtime that
-methods use (shards of trainable tensors, losses, the scalar all-reduce).
+"""The ZeRO-3 side: the model under a DeepSpeed ZeRO-3 engine (forward-only for the ZO methods), and the runtime
+that methods use (partitions of trainable tensors, losses, the scalar all-reduce). With dszo/comm.py, the only
+module that touches DeepSpeed or its `ds_*` parameter attributes.
 
 The frozen base weights are partitioned at construction (HfDeepSpeedConfig + from_pretrained); the
 method's tensors (ZO-Act's V and B) are converted to ZeRO-3 parameters by deepspeed.initialize, with
@@ -15,7 +16,8 @@ from torch import nn
 
 from dszo import comm
 from dszo.directions import tensor_key
-from dszo.methods.base import Shard
+from dszo.methods.base import Partition
+from dszo.quantization import is_quantized
 from dszo.scoring import Scorer, greedy_generate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +33,6 @@ def load_model(cfg, ds_config: dict, partition=None):
     from transformers.integrations import HfDeepSpeedConfig
 
     from dszo.assets import resolve_model_path
-
     from dszo.quantization import bnb_config, prepare_for_zero3
 
     path = resolve_model_path(cfg.model.name_or_path)
@@ -65,14 +66,20 @@ def initialize(model: nn.Module, ds_config: dict, optimizer=None, partition=None
     return engine
 
 
-def zero3_shard(name: str, param: nn.Parameter) -> Shard:
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's whole shape, also once ZeRO-3 has partitioned it (its .shape is then empty)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def zero3_partition(name: str, param: nn.Parameter) -> Partition:
+    """This rank's partition of a ZeRO-3 parameter, as a flat view of `param.ds_tensor` (updated in place)."""
     part = param.ds_tensor
     size = part.ds_numel
     start = size * dist.get_rank(group=param.ds_process_group)
     end = min(start + size, param.ds_numel)
     local = part.data.view(-1)[: max(0, end - start)]
-    return Shard(name=name, key=tensor_key(name), shape=tuple(param.ds_shape), start=start,
-                 end=max(start, end), local=local)
+    return Partition(name=name, key=tensor_key(name), shape=tuple(param.ds_shape), start=start,
+                     end=max(start, end), local=local)
 
 
 def gather_full(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -83,8 +90,21 @@ def gather_full(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         return {n: p.data.detach().clone().cpu() for n, p in params.items()}
 
 
+def quantized_bytes(model: nn.Module) -> dict:
+    """Bytes of the quantized weights: whole tensors and this rank's ZeRO-3 partitions (after initialize)."""
+    total = local = 0
+    for p in model.parameters():
+        if not is_quantized(p):
+            continue
+        total += int(torch.Size(full_shape(p)).numel()) * p.element_size()
+        part = getattr(p, "ds_tensor", None)
+        local += (part.numel() if part is not None else p.numel()) * p.element_size()
+    return {"quantized_weight_bytes": total, "quantized_weight_bytes_local": local}
+
+
 class ZeroRuntime:
-    """What a ZO method may use: shards, losses, forwards and the scalar all-reduce."""
+    """What a ZO method may use (methods.base.ZORuntime): partitions, losses, forwards and the scalar all-reduce;
+    and the first-order reference's backward and optimiser step (methods.base.BackpropRuntime)."""
 
     def __init__(self, engine, scorer: Scorer) -> None:
         self.engine = engine
@@ -92,18 +112,13 @@ class ZeroRuntime:
         self.device = comm.device()
         self.all_reduce_sum = comm.all_reduce_sum
         self.world_size = comm.world_size()
-        self.stop_requested = False   # this rank was asked to stop (SIGTERM / SIGINT)
-        self.stop_agreed = False      # some rank was: every rank stops after the same step
 
     def reduce_step(self, sums: torch.Tensor) -> torch.Tensor:
-        """The step's one all-reduce. It carries this rank's stop request as one more float, so that every rank
-        learns of a SIGTERM at the same step without a second collective."""
-        out = self.all_reduce_sum(torch.cat([sums, sums.new_tensor([float(self.stop_requested)])]))
-        self.stop_agreed = self.stop_agreed or bool(out[-1] > 0)
-        return out[:-1]
+        """The step's one all-reduce; the communication layer carries the stop flag along with the sums."""
+        return comm.reduce_step(sums)
 
-    def shard(self, name: str, param: nn.Parameter) -> Shard:
-        return zero3_shard(name, param)
+    def partition(self, name: str, param: nn.Parameter) -> Partition:
+        return zero3_partition(name, param)
 
     @torch.no_grad()
     def scores(self, batch) -> torch.Tensor:
@@ -112,8 +127,10 @@ class ZeroRuntime:
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens: int, finished) -> list[list[int]]:
-        agree = lambda local: bool(self.all_reduce_sum(torch.tensor([0.0 if local else 1.0]))[0] == 0)  # noqa: E731
-        return greedy_generate(self.engine, batch.to(self.device), max_new_tokens, finished, agree)
+        def all_finished(local: bool) -> bool:
+            return bool(self.all_reduce_sum(torch.tensor([0.0 if local else 1.0]))[0] == 0)
+
+        return greedy_generate(self.engine, batch.to(self.device), max_new_tokens, finished, all_finished)
 
     @torch.no_grad()
     def loss_sums(self, batch, doubled: bool) -> tuple[float, float, int]:
@@ -149,8 +166,10 @@ class LocalRuntime(ZeroRuntime):
         self.engine, self.scorer, self.device = model, scorer, torch.device(device)
         self.all_reduce_sum = lambda t: t
         self.world_size = 1
-        self.stop_requested = self.stop_agreed = False
 
-    def shard(self, name: str, param: nn.Parameter) -> Shard:
-        return Shard(name=name, key=tensor_key(name), shape=tuple(param.shape), start=0, end=param.numel(),
-                     local=param.data.view(-1))
+    def reduce_step(self, sums: torch.Tensor) -> torch.Tensor:
+        return sums
+
+    def partition(self, name: str, param: nn.Parameter) -> Partition:
+        return Partition(name=name, key=tensor_key(name), shape=tuple(param.shape), start=0, end=param.numel(),
+                         local=param.data.view(-1))

@@ -1,0 +1,121 @@
+"""Gradient estimates accumulated over a step's directions on this rank's partitions, and their updates.
+
+- DenseEstimate: ĝ = Σ_d coeff_d Z_d with dense Gaussian Z, applied by a partition optimiser (ZO-Act's B, MeZO).
+- VectorEstimate: the same on 1-D tensors with plain SGD, or LOZO-M's momentum rule (LOZO, AGZO).
+- Low-rank rows: a rank forms only the rows of U Vᵀ its partition of a 2-D weight holds (LOZO, AGZO).
+"""
+from __future__ import annotations
+
+import torch
+
+from dszo.directions import gaussian
+from dszo.methods.base import Partition
+from dszo.optim import PartitionOptimizer
+
+
+def dense_direction(dseed: int, part: Partition) -> torch.Tensor:
+    """This rank's slice of the dense Gaussian direction `dseed` of a tensor."""
+    return gaussian(dseed, part.key, part.start, part.end, dtype=part.local.dtype, device=part.local.device)
+
+
+class DenseEstimate:
+    """ĝ = Σ_d coeff_d Z_d on this rank's partitions (dense Gaussian Z), applied by a partition optimiser."""
+
+    def __init__(self, partitions: dict[str, Partition], cfg, no_decay: frozenset = frozenset()) -> None:
+        self.partitions = partitions
+        self.optimizer = PartitionOptimizer(cfg.optim, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
+                                            cfg.momentum, cfg.weight_decay, no_decay=no_decay)
+        self.estimate = {n: torch.zeros_like(p.local) for n, p in partitions.items()}
+
+    def accumulate(self, dseed: int, coeff: float) -> None:
+        for name, part in self.partitions.items():   # only the slice of Z this rank owns
+            self.estimate[name].add_(dense_direction(dseed, part), alpha=coeff)
+
+    def apply(self, lr: float) -> None:
+        self.optimizer.step({n: (p.local, self.estimate[n]) for n, p in self.partitions.items()}, lr)
+        self.discard()
+
+    def discard(self) -> None:
+        for e in self.estimate.values():
+            e.zero_()
+
+    def state_dict(self) -> dict:
+        """The optimiser's moments as Partitions `<tensor>::<moment>`, and its step count."""
+        out: dict = {f"{n}::{k}": Partition(f"{n}::{k}", p.key, p.shape, p.start, p.end, t)
+                     for n, p in self.partitions.items() for k, t in self.optimizer.state.get(n, {}).items()}
+        return {**out, "optimizer_steps": self.optimizer.steps}
+
+    def load_state_dict(self, saved) -> None:
+        self.optimizer.steps = int(saved.scalars["optimizer_steps"])
+        names = saved.names()
+        for n, p in self.partitions.items():
+            for key in sorted(k for k in names if k.startswith(n + "::")):
+                self.optimizer.state.setdefault(n, {})[key[len(n) + 2:]] = saved.read(key, p.start, p.end).to(p.local)
+
+
+class DenseEstimateState:
+    """For methods whose update is a DenseEstimate in `self.estimate` (ZO-Act, MeZO): dropping a skipped step's
+    estimate and the checkpoint state (the optimiser's moments) are the estimate's."""
+
+    def discard(self) -> None:
+        self.estimate.discard()
+
+    def optimizer_state_dict(self) -> dict:
+        return self.estimate.state_dict()
+
+    def load_optimizer_state_dict(self, saved) -> None:
+        self.estimate.load_state_dict(saved)
+
+
+class VectorEstimate:
+    """ĝ = Σ_d g_d z_d on this rank's partitions of the 1-D tensors, and its SGD update -- with LOZO-M's
+    momentum (N ← β N + (1-β) ĝ; θ ← θ - η N) when beta > 0, the same rule as in the small space."""
+
+    def __init__(self, partitions: dict[str, Partition], beta: float = 0.0) -> None:
+        self.partitions, self.beta = partitions, beta
+        self.estimate = {n: torch.zeros_like(p.local) for n, p in partitions.items()}
+        self.buf: dict[str, torch.Tensor] = {}
+
+    def accumulate(self, dseed: int, coeff: float) -> None:
+        for name, part in self.partitions.items():
+            self.estimate[name].add_(dense_direction(dseed, part), alpha=coeff)
+
+    def apply(self, lr: float) -> None:
+        for name, part in self.partitions.items():
+            step = self.estimate[name]
+            if self.beta > 0:
+                buf = self.buf.get(name)
+                step = self.buf[name] = (step.clone().mul_(1 - self.beta) if buf is None
+                                         else buf.mul_(self.beta).add_(step, alpha=1 - self.beta))
+            part.local.add_(step, alpha=-lr)
+        self.discard()
+
+    def discard(self) -> None:
+        for e in self.estimate.values():
+            e.zero_()
+
+    def state_dict(self) -> dict[str, Partition]:
+        return {f"{n}::momentum": Partition(f"{n}::momentum", p.key, p.shape, p.start, p.end, self.buf[n])
+                for n, p in self.partitions.items() if n in self.buf}
+
+    def load_state_dict(self, saved) -> None:
+        for n, p in self.partitions.items():
+            if f"{n}::momentum" in saved.names():
+                self.buf[n] = saved.read(f"{n}::momentum", p.start, p.end).to(p.local)
+
+
+def partition_rows(part: Partition) -> tuple[int, int]:
+    """Rows [r0, r1) of a 2-D weight that the flat partition [start, end) touches."""
+    n = part.shape[1]
+    return part.start // n, max(part.start, part.end - 1) // n + 1
+
+
+def apply_low_rank_rows(part: Partition, u_rows: torch.Tensor, v: torch.Tensor, lr: float) -> None:
+    """W[start:end] (flat) -= lr * (U Vᵀ)[the same elements], given the rows partition_rows(part) of U: each rank
+    forms only the rows of U Vᵀ its partition holds."""
+    if part.local.numel() == 0:
+        return
+    n = part.shape[1]
+    r0 = part.start // n
+    block = (u_rows @ v.T).reshape(-1)
+    part.local.add_(block[part.start - r0 * n: part.end - r0 * n].to(part.local.dtype), alpha=-lr)
