@@ -94,8 +94,6 @@ def run_command(command: str, argv: list[str]) -> int:
 
 
 def _in_process_group(command: str, cfg, run_dir: Optional[Path], args: argparse.Namespace) -> int:
-    import torch
-
     from dszo import comm
     from dszo.config import ConfigError
     from dszo.tasks import DataError
@@ -116,10 +114,7 @@ def _in_process_group(command: str, cfg, run_dir: Optional[Path], args: argparse
         print(f"dszo: error (rank {comm.rank()}): {e}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(e, ConfigError) else 1
     finally:
-        if ok:
-            comm.shutdown()
-        elif comm.is_initialized():
-            torch.distributed.destroy_process_group()
+        comm.shutdown() if ok else comm.abandon()
 
 
 def _run_program(command: str, cfg, run_dir: Optional[Path], args: argparse.Namespace) -> None:

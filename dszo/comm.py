@@ -372,6 +372,12 @@ def shutdown() -> None:
             dist.destroy_process_group()
 
 
+def abandon() -> None:
+    """Destroy the process group without a barrier: after an error, the other ranks may never arrive."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":   # python -m dszo.comm hostnames 'gpu[01-04]'  (the sbatch scripts' fallback)
     import sys
 

@@ -86,7 +86,7 @@ def _assert_run_within(run, variant, steps, bounds):
     records = step_records(run)
     assert len(records) == STEPS
     for t, rec in enumerate(records):
-        assert abs(rec["loss_plus"] - steps[t]["loss"]) <= bounds[t]["loss"], f"step {t}"
+        assert abs(rec["loss"] - steps[t]["loss"]) <= bounds[t]["loss"], f"step {t}"
     trained = _result(run, variant)
     diff = _norm({n: trained[n].double() - want.double() for n, want in steps[-1]["params"].items()})
     assert diff <= bounds[-1]["param"], f"‖Δθ‖ {diff:.2e} > {bounds[-1]['param']:.2e}"
@@ -106,10 +106,10 @@ def test_I1_one_rank_equals_two_ranks(fo_runs, fo_reference, zo_act_spectrum):
             allowed = basis_bound(zo_act_spectrum, name)
             torch.testing.assert_close(a[f"{name}.zo_V"], b[f"{name}.zo_V"], rtol=0, atol=allowed)
         x, y, _ = pairs[0]
-        assert abs(x["loss_plus"] - y["loss_plus"]) <= bounds[0]["loss"]
+        assert abs(x["loss"] - y["loss"]) <= bounds[0]["loss"]
         return
     for x, y, t in pairs:
-        assert abs(x["loss_plus"] - y["loss_plus"]) <= 2 * bounds[t]["loss"]
+        assert abs(x["loss"] - y["loss"]) <= 2 * bounds[t]["loss"]
     assert _norm({k: a[k] - b[k] for k in steps[-1]["params"]}) <= 2 * bounds[-1]["param"]
 
 
