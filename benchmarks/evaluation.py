@@ -1,5 +1,5 @@
 """Zero-shot and in-context accuracy of the base model on the bundled task's test split, and evaluation
-throughput (examples/s) on 1 and 2 ranks, through dszo/evaluate.py under the deepspeed launcher.
+throughput (examples/s) on 1 and 2 ranks, through `deepspeed --module dszo evaluate`.
 
     .venv/bin/python benchmarks/evaluation.py [--config configs/rotten_tomatoes_zo_act.yaml] [--demos 0 4]
 
@@ -23,7 +23,7 @@ def run(args, ranks: int, demos: int, scoring: str) -> dict:
     name = f"eval_base_test{f'_{demos}shot' if demos else ''}.json"
     if (out / name).exists():  # a rerun keeps what an earlier (partial) run measured; delete runs/evaluation to redo
         return json.loads((out / name).read_text())
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "dszo/evaluate.py",
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--module", "dszo", "evaluate",
            "--config", args.config, "--split", "test", "--output_dir", str(out), "--data.num_demos", str(demos),
            "--data.scoring", scoring, "--data.max_length", str(args.max_length),
            "--per_device_eval_batch_size", str(args.batch), *args.extra.split()]

@@ -1,4 +1,4 @@
-"""Resumable checkpoints: every rank's shards of the trained tensors and their optimiser state, plus the
+"""Resumable checkpoints: every rank's partitions of the trained tensors and their optimiser state, plus the
 run's metadata, written atomically; read back on any world size.
 
 Layout of `<output_dir>/checkpoint-<step>/`:
