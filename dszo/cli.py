@@ -157,17 +157,19 @@ def exit_now(code: int) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """`dszo COMMAND [args]`; DeepSpeed's launcher may put `--local_rank=N` before the command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    launcher_args = [a for a in argv[:1] if a.startswith(("--local_rank", "--local-rank"))]
+    launcher_args = []
+    if argv and argv[0].startswith(("--local_rank", "--local-rank")):   # --local_rank=N or --local_rank N
+        launcher_args = argv[:1] if "=" in argv[0] else argv[:2]
     argv = argv[len(launcher_args):]
     if not argv or argv[0] not in COMMANDS:
         print("usage: python -m dszo {" + ",".join(COMMANDS) + "} [--help] ...\n\n"
               + "\n".join(f"  {c:<9} {h}" for c, h in COMMANDS.items()), file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else EXIT_CONFIG
     command, rest = argv[0], argv[1:] + launcher_args
-    if command == "export":
+    if command == "export":  # one process: a launcher's --local_rank means nothing to it
         from dszo.export import main as export_main
 
-        return export_main(rest)
+        return export_main(argv[1:])
     return run_command(command, rest)
 
 

@@ -251,6 +251,9 @@ class StopFlag:
         self.agreed = False      # some rank was: every rank stops after the same step
 
     def install_handlers(self) -> None:
+        """Catch SIGTERM / SIGINT from now on (a new run in this process starts with no request)."""
+        self.requested = self.agreed = False
+
         def handler(signum, frame):
             self.requested = True
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -79,3 +79,9 @@ def evaluate_only(cfg, run_dir: Optional[Path], split_name: str) -> dict:
         print(f"[dszo] {split_name} {headline(res)} (n={res['num_examples']}, {res['examples_per_s']:.1f} examples/s); "
               f"written to {out / name}")
     return res
+
+
+if __name__ == "__main__":  # the scripts of earlier versions: say what replaced them, do not succeed silently
+    import sys
+
+    sys.exit("dszo/evaluate.py is no longer a script: run python -m dszo evaluate ... (under a launcher: deepspeed --module dszo evaluate ...)")

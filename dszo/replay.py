@@ -90,3 +90,9 @@ def replay(run_dir: Path, cfg, steps_limit: int = 0) -> Path:
     if comm.is_main():
         print(f"[dszo] replayed {len(steps)} steps of {run_dir}; tensors in {out / method.capabilities.result_file}")
     return out / method.capabilities.result_file
+
+
+if __name__ == "__main__":  # the scripts of earlier versions: say what replaced them, do not succeed silently
+    import sys
+
+    sys.exit("dszo/replay.py is no longer a script: run python -m dszo replay ... (under a launcher: deepspeed --module dszo replay ...)")

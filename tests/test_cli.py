@@ -36,3 +36,10 @@ def test_the_training_script_is_the_train_command():
     proc = subprocess.run([sys.executable, str(REPO / "dszo" / "train.py"), "--help"], cwd=REPO, env=rank_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m dszo train")
+
+
+@pytest.mark.parametrize("command", ("evaluate", "replay", "export"))
+def test_the_scripts_of_earlier_versions_name_their_replacement(command):
+    proc = subprocess.run([sys.executable, str(REPO / "dszo" / f"{command}.py"), "--help"], cwd=REPO, env=rank_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and f"python -m dszo {command}" in proc.stderr

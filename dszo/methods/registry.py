@@ -38,11 +38,11 @@ def register(config_cls: type, method_cls: type) -> None:
 def _discover() -> None:
     global _discovered
     if not _discovered:
-        _discovered = True
         package = importlib.import_module("dszo.methods")
         for info in pkgutil.iter_modules(package.__path__):
             if info.name not in INFRASTRUCTURE and not info.name.startswith("_"):
-                importlib.import_module(f"dszo.methods.{info.name}")
+                importlib.import_module(f"dszo.methods.{info.name}")   # a broken module raises here, every time
+        _discovered = True
 
 
 def names() -> list[str]:
