@@ -1,18 +1,37 @@
-"""Seeded random directions that do not depend on world size or partitioning.
+"""Seeded random directions that depend neither on the world size, nor on the partitioning, nor on where they are
+drawn.
 
-The value of Z at flat element i of trainable tensor `key` in step `seed` is a pure function of
-(seed, key, i): the flat index space is cut into fixed CHUNK-sized chunks, and chunk c is drawn from
-its own generator seeded by mix(seed, key, c). Any rank generates exactly the slice it owns by drawing
-only the chunks that overlap it; a whole tensor is the concatenation of all its chunks.
+The value of Z at flat element i of trainable tensor `key` for direction seed `seed` is a pure function of
+(seed, key, i). A counter-based generator -- Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as
+1, 2, 3", SC 2011; the generator of cuRAND and of Triton's `tl.randn`) keyed by mix(seed, key) -- maps the
+counter ⌊i/4⌋ to four 32-bit words; Box–Muller turns them into four standard normals, of which element i takes
+number i mod 4. It is computed with torch's integer operations on the tensor's own device, so a rank draws
+exactly its slice with no generator object and no host-to-device copy.
+
+The 32 x 32 -> 64-bit products of Philox are formed from 16-bit halves so that every intermediate fits int64's
+63 bits: integer results are exact and identical on every device. The Box–Muller step uses fp32 log/sqrt/cos/sin,
+whose last bit may differ between kernel implementations (CPU vector widths, CUDA), as torch.randn's does. On
+one kind of device the bits never depend on which slice is asked for: counters are drawn in ranges aligned to
+ALIGN, whose length is a multiple of every CPU vector loop's unrolled width (ATen finishes a loop's last few
+elements with the scalar function, which can round differently from the vector one), and a CPU block stays
+under ATen's parallel grain (one thread, no split inside it).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
-CHUNK = 1 << 14
 _MASK = (1 << 64) - 1
+_M32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)     # Philox4x32 multipliers
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)     # key schedule (golden ratio, sqrt(3) - 1)
+ROUNDS = 10
+ALIGN = 64           # counters: ranges start and end on multiples (2 x 16 fp32 lanes of AVX-512, and more)
+# Counters per block: under ATen's grain of 32768 elements (one thread) and within a CPU's L2 cache; on an
+# accelerator one pass is cheaper. Both multiples of ALIGN.
+CPU_BLOCK, DEVICE_BLOCK = 1 << 13, 1 << 24
 
 
 def _splitmix64(x: int) -> int:
@@ -23,7 +42,7 @@ def _splitmix64(x: int) -> int:
 
 
 def mix(*parts: int) -> int:
-    """Hash a tuple of integers to a 63-bit seed (torch generators take < 2**63 safely)."""
+    """Hash a tuple of integers to a 63-bit seed."""
     h = 0x5DEECE66D
     for p in parts:
         h = _splitmix64(h ^ (int(p) & _MASK))
@@ -43,16 +62,54 @@ def direction_seed(step_seed_: int, direction: int) -> int:
     return step_seed_ if direction == 0 else mix(step_seed_, 0xD1, direction)
 
 
+def _mulhilo(a: torch.Tensor, m_low: torch.Tensor, m_high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * m, exactly, for 32-bit words a and m = m_high * 2^16 + m_low (int64)."""
+    low16 = a * m_low                              # < 2^48
+    t = a * m_high + (low16 >> 16)                 # a * m = t * 2^16 + low16 mod 2^16; t < 2^49
+    return t >> 16, ((t & 0xFFFF) << 16) | (low16 & 0xFFFF)
+
+
+def philox4x32(words: list[torch.Tensor], key: int) -> list[torch.Tensor]:
+    """Philox4x32-10 of a 128-bit counter given as four int64 tensors of 32-bit words, under a 64-bit key.
+    The words travel as two stacked pairs, (x0, x2) -- the multiplied ones -- and (x1, x3): one operation per
+    step of a round for both halves."""
+    x0, x1, x2, x3 = words
+    mult, rest = torch.stack([x0, x2]), torch.stack([x1, x3])
+    shape = (2,) + (1,) * x0.dim()
+    m = torch.tensor(_PHILOX_M, dtype=torch.int64, device=x0.device).view(shape)
+    k0, k1 = key & _M32, (key >> 32) & _M32
+    keys = torch.tensor([[(k0 + r * _PHILOX_W[0]) & _M32, (k1 + r * _PHILOX_W[1]) & _M32] for r in range(ROUNDS)],
+                        dtype=torch.int64, device=x0.device).view((ROUNDS,) + shape)
+    m_low, m_high = m & 0xFFFF, m >> 16
+    for r in range(ROUNDS):
+        hi, lo = _mulhilo(mult, m_low, m_high)
+        # x0' = hi(x2·M1) ^ x1 ^ k0, x2' = hi(x0·M0) ^ x3 ^ k1, x1' = lo(x2·M1), x3' = lo(x0·M0)
+        mult, rest = hi.flip(0) ^ rest ^ keys[r], lo.flip(0)
+    return [mult[0], rest[0], mult[1], rest[1]]
+
+
+def _normals(counter: torch.Tensor, key: int) -> torch.Tensor:
+    """Four standard normals per counter ([len(counter) * 4], fp32): Box–Muller on 24-bit uniforms in (0, 1)."""
+    zero = torch.zeros_like(counter)
+    words = torch.stack(philox4x32([counter & _M32, counter >> 32, zero, zero], key))          # [4, n]
+    u = ((words >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    radius, angle = torch.sqrt(-2.0 * torch.log(u[0::2])), (2.0 * math.pi) * u[1::2]           # [2, n] each
+    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1).permute(1, 0, 2).reshape(-1)
+
+
 def gaussian(seed: int, key: int, start: int, end: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Standard normal values of flat elements [start, end) of tensor `key` for `seed`."""
+    """Standard normal values of flat elements [start, end) of tensor `key` for `seed`, drawn on `device`."""
+    device = torch.device(device if device is not None else "cpu")
     if end <= start:
         return torch.empty(0, dtype=dtype, device=device)
-    first, last = start // CHUNK, (end - 1) // CHUNK
-    gen = torch.Generator()
-    parts = []
-    for c in range(first, last + 1):
-        gen.manual_seed(mix(seed, key, c))
-        parts.append(torch.randn(CHUNK, generator=gen, dtype=torch.float32))
-    flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-    off = first * CHUNK
-    return flat[start - off:end - off].to(dtype=dtype, device=device)
+    philox_key = mix(seed, key)
+    block = CPU_BLOCK if device.type == "cpu" else DEVICE_BLOCK
+    first = start // 4 // ALIGN * ALIGN                        # aligned counters that hold [start, end)
+    last = -(-((end - 1) // 4 + 1) // ALIGN) * ALIGN
+    out = torch.empty(end - start, dtype=dtype, device=device)
+    for c0 in range(first, last, block):
+        c1 = min(last, c0 + block)
+        values = _normals(torch.arange(c0, c1, dtype=torch.int64, device=device), philox_key)
+        lo, hi = max(start, 4 * c0), min(end, 4 * c1)
+        out[lo - start:hi - start] = values[lo - 4 * c0:hi - 4 * c0]
+    return out

@@ -3,7 +3,9 @@
 The golden file (tests/golden/golden_runs.json) holds each run's per-step losses and projected gradients (as
 exact floats) and a SHA-256 of every trained tensor it wrote. tests/test_golden.py runs the same cases again:
 on the host and software that wrote the file (its fingerprint: CPU, kernels, library versions, the tiny
-model's bytes) every number must be bit-identical -- the proof that a refactoring changed nothing (issue 13).
+model's bytes) every number must be bit-identical -- the proof that a refactoring changed nothing (issue 13:
+the file of commit 47c17cc, recorded before the restructuring, matched it bit for bit). Re-recorded only when
+the numbers are meant to change (issue 14: directions from a counter-based generator).
 On another host only what rounding cannot change is compared (docs/numerics.md): the first step's losses
 within their derived bound.
 

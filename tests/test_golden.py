@@ -14,19 +14,6 @@ from tolerances import loss_atol
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
-# The golden file was written before the restructuring of issue 13, after which the first-order reference's step
-# record no longer pretends to be a ZO one (L+ = L- = loss, g = []): those keys are gone from its metrics lines.
-NOT_LOGGED_SINCE_ISSUE_13 = ("loss_plus", "loss_minus", "proj_grads")
-
-
-def expected_steps(name: str, steps: list[dict]) -> list[dict]:
-    if not name.startswith("first_order"):
-        return steps
-    for s in steps:  # what was dropped said nothing the loss does not
-        assert s["loss_plus"] == s["loss_minus"] == s["loss"] and s["proj_grads"] == []
-    return [{k: v for k, v in s.items() if k not in NOT_LOGGED_SINCE_ISSUE_13} for s in steps]
-
-
 @pytest.fixture(scope="module")
 def golden():
     return json.loads(GOLDEN.read_text())
@@ -41,7 +28,7 @@ def same_host(golden, tiny_model) -> bool:
 def test_pinned_run_matches_golden(name, golden, same_host, tiny_model, tiny_data, tmp_path):
     if name.endswith("_nf4"):
         pytest.importorskip("bitsandbytes")
-    want = {**golden["runs"][name], "steps": expected_steps(name, golden["runs"][name]["steps"])}
+    want = golden["runs"][name]
     got = run_case(name, tiny_model, tiny_data, tmp_path)
     assert len(got["steps"]) == len(want["steps"]) and got["result_file"] == want["result_file"]
     assert got["tensors"].keys() == want["tensors"].keys()

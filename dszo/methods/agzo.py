@@ -138,8 +138,8 @@ class AGZO(ZOMethod):
         r = self.cfg.method.rank
         if self.subspace_step != t:
             self._unperturbed_loss(t, batch, runtime)
-        self.R = {name: gaussian(dseed, self.partitions[name].key, 0, self.partitions[name].shape[0] * r)
-                  .view(self.partitions[name].shape[0], r) for name in self.layers}
+        self.R = {name: gaussian(dseed, part.key, 0, part.shape[0] * r, device=part.local.device).view(part.shape[0], r)
+                  for name, part in ((n, self.partitions[n]) for n in self.layers)}
         for name in self.layers:
             self.perturbation.directions[name] = (self.R[name], self.A[name])
         fp, _ = self.perturbation.measure_one_sided(runtime, batch, dseed, self.cfg.method.zo_eps)

@@ -114,11 +114,13 @@ class LOZO(ZOMethod):
         m, n = self.dims[name]
         r = self.cfg.method.rank
         seed = v_seed(self.run_seed, t, self.cfg.method.lazy_interval)
-        return gaussian(seed, self.partitions[name].key, 0, n * r).view(n, r)
+        part = self.partitions[name]
+        return gaussian(seed, part.key, 0, n * r, device=part.local.device).view(n, r)
 
     def _u_rows(self, dseed: int, name: str, r0: int, r1: int) -> torch.Tensor:
         r = self.cfg.method.rank
-        return gaussian(dseed, self.partitions[name].key, r0 * r, r1 * r).view(r1 - r0, r)
+        part = self.partitions[name]
+        return gaussian(dseed, part.key, r0 * r, r1 * r, device=part.local.device).view(r1 - r0, r)
 
     # -- the step -------------------------------------------------------------------------------------
     def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
