@@ -191,6 +191,7 @@ def init(timeout_s: int, count_collectives: bool = True) -> None:
     map_launcher_env()
     if count_collectives and COUNTER is None:
         COUNTER = CommCounter().install()
+    clear_stale_build_locks()
     import deepspeed  # local: the ZO math never imports deepspeed
 
     # DeepSpeed 0.19 still calls the old name on every gather; one warning per rank is noise, not news.
@@ -348,6 +349,28 @@ def node_partition(timeout_s: int, per_node: bool = True) -> tuple[Optional[Part
         if rank() in ranks:
             mine = PartitionGroup(group, ranks)
     return mine, len(nodes)
+
+
+STALE_LOCK_S = 600   # a build of DeepSpeed's CPU comm op takes about a minute; a lock this old outlived its builder
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
+    """Remove torch-extension build locks left by a process killed while building (torch waits on such a lock
+    forever: every later run would hang at start-up). Returns what was removed."""
+    import glob
+    import time
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    removed = []
+    for lock in glob.glob(os.path.join(root, "*", "lock")) if root else []:
+        try:
+            if time.time() - os.path.getmtime(lock) > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+                warnings.warn(f"removed a stale build lock {lock} (older than {max_age_s:.0f} s: its builder died)")
+        except OSError:
+            pass   # another rank removed it first
+    return removed
 
 
 def prebuild_shm_op() -> None:

@@ -1,4 +1,5 @@
 """Launcher environment mapping (srun without a launcher, mpirun) and per-rank thread counts."""
+import pytest
 import torch
 
 from dszo import comm
@@ -53,3 +54,19 @@ def test_a_single_process_without_launcher_takes_a_free_port_not_29500():
     assert a["RANK"] == "0" and a["WORLD_SIZE"] == "1" and a["MASTER_ADDR"] == "127.0.0.1"
     assert a["MASTER_PORT"] != "29500" and a["MASTER_PORT"].isdigit()
     assert comm.map_launcher_env({"MASTER_PORT": "1234"})["MASTER_PORT"] == "1234"   # a user's choice is kept
+
+
+def test_stale_torch_extension_build_locks_are_cleared(tmp_path, monkeypatch):
+    """A build killed mid-way leaves `lock`; torch would wait on it forever. Old locks go, fresh ones stay."""
+    import os
+    import time
+
+
+    for name, age in (("old_op", comm.STALE_LOCK_S + 60), ("building_op", 5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "lock").touch()
+        os.utime(tmp_path / name / "lock", (time.time() - age, time.time() - age))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        assert comm.clear_stale_build_locks() == [str(tmp_path / "old_op" / "lock")]
+    assert not (tmp_path / "old_op" / "lock").exists() and (tmp_path / "building_op" / "lock").exists()
