@@ -133,13 +133,14 @@ class ZeroRuntime:
         return greedy_generate(self.engine, batch.to(self.device), max_new_tokens, finished, all_finished)
 
     @torch.no_grad()
-    def loss_sums(self, batch, doubled: bool) -> tuple[float, float, int]:
+    def loss_sums(self, batch, doubled: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """float64 sums on the model's device: the step reads them once, after its all-reduce (no host sync here)."""
         rows = batch.doubled() if doubled else batch
-        losses = self.scorer.losses(self.engine, rows.to(self.device)).double().cpu()
-        valid = rows.valid.double()
+        losses = self.scorer.losses(self.engine, rows.to(self.device)).double()
+        valid = rows.valid.to(losses.device, torch.float64)
         b = batch.num_examples
-        first = float((losses[:b] * valid[:b]).sum())
-        second = float((losses[b:] * valid[b:]).sum()) if doubled else 0.0
+        first = (losses[:b] * valid[:b]).sum()
+        second = (losses[b:] * valid[b:]).sum() if doubled else torch.zeros((), dtype=torch.float64, device=losses.device)
         return first, second, int(batch.valid.sum())
 
     @torch.no_grad()

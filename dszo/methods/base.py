@@ -108,8 +108,9 @@ class ZORuntime(Protocol):
 
     def partition(self, name: str, param: nn.Parameter) -> Partition: ...
 
-    def loss_sums(self, batch, doubled: bool) -> tuple[float, float, int]:
-        """Σ loss over the first and the second copy of `batch` (second is 0 when not doubled), and n."""
+    def loss_sums(self, batch, doubled: bool) -> tuple:
+        """Σ loss over the first and the second copy of `batch` (second is 0 when not doubled), and n. The sums may
+        be float64 0-d tensors on the model's device (read by the step after its all-reduce) or floats."""
 
     def forward(self, batch) -> None:
         """A forward over `batch` whose output is not needed (calibration)."""
@@ -279,11 +280,12 @@ class ZOMethod(Method):
         for d in range(n_dir):
             dseed = direction_seed(seed, d)
             with clock("forward"):
-                sums = torch.zeros(3, dtype=torch.float64)
+                sums = None
                 for batch in micro_batches:
-                    sums += torch.tensor(self.losses(t, dseed, batch, runtime), dtype=torch.float64)
-            with clock("all_reduce"):
-                a, b, n = runtime.reduce_step(sums).tolist()      # the step's only collective: a few scalars
+                    measured = _as_sums(self.losses(t, dseed, batch, runtime))
+                    sums = measured if sums is None else sums + measured
+            with clock("all_reduce"):   # the step's only collective, and its one read of device values: a few scalars
+                a, b, n = runtime.reduce_step(sums).tolist()
             g = self.projected_gradient(a, b, n)
             if math.isfinite(g):                          # the same on every rank: g comes from all-reduced sums
                 with clock("update"):
@@ -295,6 +297,13 @@ class ZOMethod(Method):
             self.discard() if skipped else self.update(t, lr)
         return ZOStep(loss_plus=sum(x for x, _ in losses) / n_dir, loss_minus=sum(y for _, y in losses) / n_dir,
                       proj_grads=grads, num_examples=int(n), lr=lr, timings=dict(clock.totals), skipped=skipped)
+
+
+def _as_sums(measured: tuple) -> torch.Tensor:
+    """(Σ L at one point, Σ L at the other, n) as float64 [3], on the device of the sums (no host sync)."""
+    a, b, n = measured
+    a, b = (torch.as_tensor(x, dtype=torch.float64) for x in (a, b))
+    return torch.stack([a, b.to(a.device), torch.tensor(float(n), dtype=torch.float64, device=a.device)])
 
 
 class Stopwatch:
