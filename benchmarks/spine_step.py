@@ -39,8 +39,26 @@ def timed(fn, reps):
     for i in range(reps):
         tic = time.perf_counter()
         fn(i)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         out.append(time.perf_counter() - tic)
     return out
+
+
+def two_forwards(cfg) -> bool:
+    return cfg.method.name in ("mezo", "agzo") or not cfg.method.functional_perturbation
+
+
+def reset_peak() -> None:
+    reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gpu_mb():
+    """Peak GPU memory allocated by torch since reset_peak (None without CUDA)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def main():
@@ -70,14 +88,14 @@ def main():
     # Warm-up both paths (the first perturbed forward and the first update allocate their state).
     rt.forward(batches[-1].doubled())
     method.step(a.reps, [batches[-1]], cfg.learning_rate, rt)
-    reset_peak_rss()
+    reset_peak()
     res["fwd2x_s"] = timed(lambda i: rt.forward(batches[i].doubled()), a.reps)
-    res["fwd2x_peak_rss_mb"] = peak_rss_mb()
+    res["fwd2x_peak_rss_mb"], res["fwd2x_peak_gpu_mb"] = peak_rss_mb(), peak_gpu_mb()
     res["two_fwd_s"] = timed(lambda i: (rt.forward(batches[i]), rt.forward(batches[i])), a.reps)
-    reset_peak_rss()
+    reset_peak()
     stats = []
     res["step_s"] = timed(lambda i: stats.append(method.step(i, [batches[i]], cfg.learning_rate, rt)), a.reps)
-    res["step_peak_rss_mb"] = peak_rss_mb()
+    res["step_peak_rss_mb"], res["step_peak_gpu_mb"] = peak_rss_mb(), peak_gpu_mb()
     res["step_breakdown_s"] = {k: statistics.median(s.timings[k] for s in stats) for k in stats[0].timings}
     per_rank = [None] * world
     dist.all_gather_object(per_rank, res)
@@ -87,6 +105,11 @@ def main():
             "step_median_s": med("step_s"), "fwd2x_median_s": med("fwd2x_s"), "two_fwd_median_s": med("two_fwd_s"),
             "step_over_fwd2x": med("step_s") / med("fwd2x_s"), "step_over_two_fwd": med("step_s") / med("two_fwd_s"),
             "peak_rss_step_over_forward": max(r["step_peak_rss_mb"] / r["fwd2x_peak_rss_mb"] for r in per_rank),
+            "peak_gpu_step_over_forward": (max(r["step_peak_gpu_mb"] / r["fwd2x_peak_gpu_mb"] for r in per_rank)
+                                           if per_rank[0]["fwd2x_peak_gpu_mb"] else None),
+            # the forwards a step holds: two over the batch (MeZO; AGZO's f0 and f+; two-forward mode), else one
+            # over the doubled batch
+            "share_outside_forwards": 1 - (med("two_fwd_s") if two_forwards(cfg) else med("fwd2x_s")) / med("step_s"),
         }
         out = {"benchmark": "spine_step", "environment": environment(), "world_size": world,
                "threads_per_rank": torch.get_num_threads(),

@@ -22,11 +22,11 @@ class TaskData:
     def __init__(self, cfg: TrainConfig) -> None:
         from transformers import AutoTokenizer
 
-        from dszo.assets import resolve_model_path
+        from dszo.assets import resolve_tokenizer_path
         from dszo.tasks import get_task, load_splits
 
         self.cfg = cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path),
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer_path(cfg.model.name_or_path),
                                                        trust_remote_code=cfg.model.trust_remote_code)
         self.task = get_task(cfg.data)
         self.parts = load_splits(cfg.data, self.task)

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -30,6 +31,30 @@ def set_default_extension_dir() -> None:
 
 def bundled_model_dir() -> Path:
     return cache_dir() / "models" / BUNDLED_MODEL_NAME
+
+
+RANDOM_PREFIX = "random:"   # random:<config.json>: a model of that shape with random weights (benchmarks)
+
+
+def random_model_config(name_or_path: str) -> Optional[Path]:
+    """The config.json of a `random:<config.json>` model (a real architecture's shape with random weights, for
+    timing and memory at sizes nobody wants to download), or None for a real model."""
+    if not name_or_path.startswith(RANDOM_PREFIX):
+        return None
+    path = Path(name_or_path[len(RANDOM_PREFIX):]).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.name_or_path {name_or_path}: no such config file; give random:<path to a "
+                                "Hugging Face config.json> (benchmarks/gpu/shapes/ has some)")
+    return path
+
+
+def resolve_tokenizer_path(name_or_path: str) -> str:
+    """Where the tokenizer of a model lives: its own folder; for a random-weights model, the folder of its config
+    where a tokenizer was put there (benchmarks/gpu/check.sh --prepare), else the bundled model's."""
+    shape = random_model_config(name_or_path)
+    if shape is None:
+        return resolve_model_path(name_or_path)
+    return str(shape.parent) if (shape.parent / "tokenizer_config.json").is_file() else resolve_model_path("bundled")
 
 
 def resolve_model_path(name_or_path: str) -> str:

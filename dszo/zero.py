@@ -32,12 +32,17 @@ def load_model(cfg, ds_config: dict, partition=None):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from dszo.assets import resolve_model_path
+    from dszo.assets import random_model_config, resolve_model_path
     from dszo.quantization import bnb_config, prepare_for_zero3
 
-    path = resolve_model_path(cfg.model.name_or_path)
     quant = bnb_config(cfg.model, DTYPES[cfg.model.dtype])
     hf_ds = HfDeepSpeedConfig(ds_config) if partition is None else None  # must outlive the model's build
+    shape = random_model_config(cfg.model.name_or_path)
+    if shape is not None:
+        model = _random_model(shape, cfg, quant)
+        del hf_ds
+        return _frozen(model)
+    path = resolve_model_path(cfg.model.name_or_path)
     try:
         # A quantized model is built whole on each rank (transformers quantizes while loading) and partitioned
         # by deepspeed.initialize; an unquantized one is partitioned at construction.
@@ -47,10 +52,30 @@ def load_model(cfg, ds_config: dict, partition=None):
         raise FileNotFoundError(f"could not load model.name_or_path={cfg.model.name_or_path!r} ({path}): {e}. "
                                 "Give a local HF model folder (config.json + safetensors) or a reachable hub name")
     del hf_ds
+    return _frozen(model)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    from dszo.quantization import prepare_for_zero3
+
     prepare_for_zero3(model)
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def _random_model(config_path, cfg, quant) -> nn.Module:
+    """A model of a real architecture's shape with random weights (partitioned at construction under ZeRO-3)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dszo.errors import ConfigError
+
+    if quant is not None:
+        raise ConfigError("model.quantization needs real weights (bitsandbytes quantizes while loading); a random:"
+                          " model is built from its config: set model.quantization: none")
+    config = AutoConfig.from_pretrained(str(config_path))
+    return AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.model.dtype],
+                                            trust_remote_code=cfg.model.trust_remote_code)
 
 
 def initialize(model: nn.Module, ds_config: dict, optimizer=None, partition=None):
