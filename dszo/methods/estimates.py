@@ -19,25 +19,37 @@ def dense_direction(dseed: int, part: Partition) -> torch.Tensor:
 
 
 class DenseEstimate:
-    """ĝ = Σ_d coeff_d Z_d on this rank's partitions (dense Gaussian Z), applied by a partition optimiser."""
+    """ĝ = Σ_d coeff_d Z_d on this rank's partitions (dense Gaussian Z), applied by a partition optimiser. Fused:
+    the step keeps only its (seed, coeff) pairs; `apply` regenerates each Z one slice at a time and updates that
+    slice, so no buffer of the partition's size is held (the bits equal those of a whole-partition estimate:
+    every operation is elementwise and a direction's slice is the slice of the whole)."""
+
+    SLICE = 1 << 20   # elements regenerated and updated at a time
 
     def __init__(self, partitions: dict[str, Partition], cfg, no_decay: frozenset = frozenset()) -> None:
         self.partitions = partitions
         self.optimizer = PartitionOptimizer(cfg.optim, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
                                             cfg.momentum, cfg.weight_decay, no_decay=no_decay)
-        self.estimate = {n: torch.zeros_like(p.local) for n, p in partitions.items()}
+        self.pending: list[tuple[int, float]] = []   # this step's directions and their coefficients
 
     def accumulate(self, dseed: int, coeff: float) -> None:
-        for name, part in self.partitions.items():   # only the slice of Z this rank owns
-            self.estimate[name].add_(dense_direction(dseed, part), alpha=coeff)
+        self.pending.append((dseed, coeff))
 
     def apply(self, lr: float) -> None:
-        self.optimizer.step({n: (p.local, self.estimate[n]) for n, p in self.partitions.items()}, lr)
+        self.optimizer.begin_step()
+        for name, part in self.partitions.items():
+            n = part.local.numel()
+            for lo in range(0, n, self.SLICE):
+                hi = min(n, lo + self.SLICE)
+                grad = torch.zeros(hi - lo, dtype=part.local.dtype, device=part.local.device)
+                for dseed, coeff in self.pending:   # only the slice of Z this rank owns, a piece at a time
+                    grad.add_(gaussian(dseed, part.key, part.start + lo, part.start + hi, dtype=part.local.dtype,
+                                       device=part.local.device), alpha=coeff)
+                self.optimizer.update(name, part.local[lo:hi], grad, lr, slice(lo, hi), n)
         self.discard()
 
     def discard(self) -> None:
-        for e in self.estimate.values():
-            e.zero_()
+        self.pending.clear()
 
     def state_dict(self) -> dict:
         """The optimiser's moments as Partitions `<tensor>::<moment>`, and its step count."""

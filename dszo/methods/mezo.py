@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dszo.directions import gaussian
 from dszo.errors import ConfigError
 from dszo.methods.base import Capabilities, MethodConfig, ZOMethod, ZORuntime, plain_shape, refuse_quantized
-from dszo.methods.estimates import DenseEstimate, DenseEstimateState, dense_direction
+from dszo.methods.estimates import DenseEstimate, DenseEstimateState
 from dszo.methods.registry import register
 from dszo.quantization import is_quantized
 
@@ -71,8 +72,13 @@ class MeZO(DenseEstimateState, ZOMethod):
         self.backup = {n: torch.empty_like(p.local) for n, p in self.partitions.items()}
 
     def _perturb(self, dseed: int, scale: float) -> None:
+        """θ ± εZ from the saved θ, a slice at a time (Z is regenerated, never held at the partition's size)."""
         for name, part in self.partitions.items():
-            part.local.copy_(self.backup[name]).add_(dense_direction(dseed, part), alpha=scale)
+            for lo in range(0, part.local.numel(), DenseEstimate.SLICE):
+                hi = min(part.local.numel(), lo + DenseEstimate.SLICE)
+                z = gaussian(dseed, part.key, part.start + lo, part.start + hi, dtype=part.local.dtype,
+                             device=part.local.device)
+                part.local[lo:hi].copy_(self.backup[name][lo:hi]).add_(z, alpha=scale)
 
     def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
         eps = self.cfg.method.zo_eps
