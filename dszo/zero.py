@@ -33,7 +33,7 @@ def load_model(cfg, ds_config: dict, partition=None):
     from transformers.integrations import HfDeepSpeedConfig
 
     from dszo.assets import random_model_config, resolve_model_path
-    from dszo.quantization import bnb_config, prepare_for_zero3
+    from dszo.quantization import bnb_config
 
     quant = bnb_config(cfg.model, DTYPES[cfg.model.dtype])
     hf_ds = HfDeepSpeedConfig(ds_config) if partition is None else None  # must outlive the model's build
