@@ -84,4 +84,5 @@ def evaluate_only(cfg, run_dir: Optional[Path], split_name: str) -> dict:
 if __name__ == "__main__":  # the scripts of earlier versions: say what replaced them, do not succeed silently
     import sys
 
-    sys.exit("dszo/evaluate.py is no longer a script: run python -m dszo evaluate ... (under a launcher: deepspeed --module dszo evaluate ...)")
+    sys.exit("dszo/evaluate.py is no longer a script: run python -m dszo evaluate ... "
+             "(under a launcher: deepspeed --module dszo evaluate ...)")

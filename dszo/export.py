@@ -115,4 +115,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":  # the scripts of earlier versions: say what replaced them, do not succeed silently
     import sys
 
-    sys.exit("dszo/export.py is no longer a script: run python -m dszo export ... (under a launcher: deepspeed --module dszo export ...)")
+    sys.exit("dszo/export.py is no longer a script: run python -m dszo export ... "
+             "(under a launcher: deepspeed --module dszo export ...)")

@@ -95,4 +95,5 @@ def replay(run_dir: Path, cfg, steps_limit: int = 0) -> Path:
 if __name__ == "__main__":  # the scripts of earlier versions: say what replaced them, do not succeed silently
     import sys
 
-    sys.exit("dszo/replay.py is no longer a script: run python -m dszo replay ... (under a launcher: deepspeed --module dszo replay ...)")
+    sys.exit("dszo/replay.py is no longer a script: run python -m dszo replay ... "
+             "(under a launcher: deepspeed --module dszo replay ...)")

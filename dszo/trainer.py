@@ -146,7 +146,8 @@ class Trainer:
                                   "--resume_from_checkpoint latest", EXIT_STOPPED)
 
     def evaluate(self, step: int, split=None, prefix: str = "eval") -> dict:
-        res = evaluate(self.runtime, self.dev if split is None else split, self.cfg.per_device_eval_batch_size, self.data.generation)
+        split = self.dev if split is None else split
+        res = evaluate(self.runtime, split, self.cfg.per_device_eval_batch_size, self.data.generation)
         self.metrics.log({"event": prefix, "step": step,
                           **{f"{prefix}_s" if k == "eval_s" else f"{prefix}_{k}": v for k, v in res.items()}})
         return res

@@ -85,7 +85,8 @@ class FirstOrder(Method):
             self.optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                                eps=c.adam_epsilon)
         else:
-            self.optimizer = torch.optim.SGD(groups, lr=c.learning_rate, momentum=c.momentum if c.optim == "momentum" else 0.0)
+            momentum = c.momentum if c.optim == "momentum" else 0.0
+            self.optimizer = torch.optim.SGD(groups, lr=c.learning_rate, momentum=momentum)
         return self.optimizer
 
     def prepare(self, runtime: BackpropRuntime, calibration_batches: list | None) -> None:
