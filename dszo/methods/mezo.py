@@ -1,23 +1,27 @@
 """MeZO: dense Gaussian directions over the trainable tensors themselves (full fine-tuning).
 
-Each rank perturbs, in place, only the partition of each weight that ZeRO-3 assigned to it
-(θ_k ± εZ_k); the next forward gathers the perturbed tensors as usual. Restoring is exact: the
-unperturbed partition is copied aside once per measurement and copied back (θ+εz-2εz+εz is not θ in
-floating point). Two forwards per direction: a dense perturbation cannot be applied to half a batch.
-Weight decay, as in the reference implementation, skips 1-D tensors (biases, norms).
+Nothing is written into the weights while measuring, and no copy of them is kept: around each module's forward,
+after ZeRO-3 has gathered its weights, a pre-hook points each trained parameter at θ + (±ε)Z -- a temporary the
+size of that module's weights, Z regenerated from the seed -- and a post-hook, which runs before ZeRO-3 releases
+the gather, points it back at θ. So θ is never modified and needs no exact restore (θ+εz-2εz+εz is not θ in
+floating point), the owned partition is written only by the update, and a gathered weight that ZeRO-3 keeps for
+reuse (a tied embedding, a prefetch) is the unperturbed one. Two forwards per direction: a dense perturbation
+cannot be applied to half a batch. Weight decay, as in the reference implementation, skips 1-D tensors.
 """
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
-from dszo.directions import gaussian
 from dszo.errors import ConfigError
 from dszo.methods.base import Capabilities, MethodConfig, ZOMethod, ZORuntime, plain_shape, refuse_quantized
+from dszo.directions import gaussian, tensor_key
 from dszo.methods.estimates import DenseEstimate, DenseEstimateState
+from dszo.methods.perturbation import Perturbation
 from dszo.methods.registry import register
 from dszo.quantization import is_quantized
 
@@ -61,7 +65,9 @@ class MeZO(DenseEstimateState, ZOMethod):
     name = "mezo"
 
     def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
+        self.model = model
         self.params = select_parameters(model, self.cfg.method.trainable, self.name, self.cfg.model.quantization)
+        self.perturbation = Perturbation()
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return self.params
@@ -69,30 +75,42 @@ class MeZO(DenseEstimateState, ZOMethod):
     def prepare(self, runtime: ZORuntime, calibration_batches: list | None) -> None:
         no_decay = frozenset(n for n, p in self.partitions.items() if len(p.shape) < 2)
         self.estimate = DenseEstimate(self.partitions, self.cfg, no_decay=no_decay)
-        self.backup = {n: torch.empty_like(p.local) for n, p in self.partitions.items()}
+        self._hook_modules()
 
-    def _perturb(self, dseed: int, scale: float) -> None:
-        """θ ± εZ from the saved θ, a slice at a time (Z is regenerated, never held at the partition's size)."""
-        for name, part in self.partitions.items():
-            for lo in range(0, part.local.numel(), DenseEstimate.SLICE):
-                hi = min(part.local.numel(), lo + DenseEstimate.SLICE)
-                z = gaussian(dseed, part.key, part.start + lo, part.start + hi, dtype=part.local.dtype,
-                             device=part.local.device)
-                part.local[lo:hi].copy_(self.backup[name][lo:hi]).add_(z, alpha=scale)
+    def _hook_modules(self) -> None:
+        """Hooks on every module that owns a trained parameter (a tied one: on each of its modules). Registered after
+        deepspeed.initialize, the pre-hook runs after ZeRO-3's gather; the post-hook is put first, before its release."""
+        names = {id(p): n for n, p in self.params.items()}
+        self.saved: list[tuple[nn.Module, dict]] = []   # per hooked module: attribute -> θ while perturbed
+        for module in self.model.modules():
+            owned = [(attr, names[id(p)]) for attr, p in module.named_parameters(recurse=False) if id(p) in names]
+            if owned:
+                saved: dict[str, torch.Tensor] = {}
+                self.saved.append((module, saved))
+                module.register_forward_pre_hook(partial(self._perturbed, owned, saved))
+                module.register_forward_hook(partial(self._restored, saved), prepend=True)
+
+    def _perturbed(self, owned: list, saved: dict, module: nn.Module, args) -> None:
+        p = self.perturbation
+        if not p.active:
+            return
+        for attr, name in owned:   # Z drawn here and dropped after: never held for more than one module
+            param = getattr(module, attr)
+            theta = saved[attr] = param.data
+            z = gaussian(p.seed, tensor_key(name), 0, theta.numel(), dtype=theta.dtype, device=theta.device)
+            param.data = torch.add(theta, z.view_as(theta), alpha=p.sign * p.eps)
+
+    @staticmethod
+    def _restored(saved: dict, module: nn.Module, args=None, output=None) -> None:
+        for attr in list(saved):
+            getattr(module, attr).data = saved.pop(attr)
 
     def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
-        eps = self.cfg.method.zo_eps
-        for name, part in self.partitions.items():
-            self.backup[name].copy_(part.local)
         try:
-            self._perturb(dseed, +eps)
-            lp, _, n = runtime.loss_sums(batch, doubled=False)
-            self._perturb(dseed, -eps)
-            lm, _, _ = runtime.loss_sums(batch, doubled=False)
-        finally:
-            for name, part in self.partitions.items():
-                part.local.copy_(self.backup[name])
-        return lp, lm, n
+            return self.perturbation.measure(runtime, batch, dseed, self.cfg.method.zo_eps, doubled=False)
+        finally:   # a forward that raised skipped its post-hooks: θ back everywhere
+            for module, saved in self.saved:
+                self._restored(saved, module)
 
     def accumulate(self, t: int, dseed: int, coeff: float) -> None:
         self.estimate.accumulate(dseed, coeff)

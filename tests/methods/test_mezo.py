@@ -1,0 +1,43 @@
+"""MeZO perturbs the gathered weights around each module's forward and never writes θ: a forward under the
+perturbation equals the plain module with θ + εZ written in (tied weights included), and θ is untouched after."""
+import torch
+from torch import nn
+
+from dszo.config import TrainConfig, method_config_class
+from dszo.directions import gaussian, tensor_key
+from dszo.methods import get_method
+from methods.local_runtime import LocalRuntime
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 6, bias=False), nn.Linear(6, 6, bias=False), nn.Linear(6, 3)
+        self.b.weight = self.a.weight   # one parameter, two modules
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_forward_under_perturbation_equals_written_weights_and_theta_is_untouched():
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(4, 6)
+    cfg = TrainConfig(optim="sgd")
+    cfg.method = method_config_class("mezo")()
+    m = get_method("mezo")(cfg, run_seed=3)
+    m.attach(model)
+    m.setup(LocalRuntime(model), [])
+    assert set(m.trainable()) == {"a.weight", "c.weight", "c.bias"}   # the tied weight once
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for sign in (+1.0, -1.0):
+        m.perturbation.set(seed=11, eps=1e-2, sign=sign)
+        with torch.no_grad():
+            got = model(x)
+        m.perturbation.off()
+        assert all(torch.equal(p, theta[n]) for n, p in model.named_parameters())   # θ never written
+        reference = Tied()
+        with torch.no_grad():
+            for n, p in reference.named_parameters():
+                z = gaussian(11, tensor_key(n), 0, p.numel()).view_as(p)
+                p.copy_(torch.add(theta[n], z, alpha=sign * 1e-2))
+            assert torch.equal(got, reference(x))   # the same operations on the same values
