@@ -71,12 +71,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--numel", type=int, default=100_000_000)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cpu_numel", type=int, default=None, help="elements for the CPU cases (default: --numel)")
     p.add_argument("--out", default="benchmarks/results/directions.json")
     a = p.parse_args()
-    results = {"environment": environment(), "numel": a.numel, "reps": a.reps, "runs": {}}
+    cpu_numel = a.cpu_numel or a.numel
+    results = {"environment": environment(), "numel": a.numel, "cpu_numel": cpu_numel, "reps": a.reps, "runs": {}}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        results["runs"][f"cpu_{threads}_threads"] = measure(a.numel, a.reps, torch.device("cpu"))
+        results["runs"][f"cpu_{threads}_threads"] = measure(cpu_numel, a.reps, torch.device("cpu"))
         print(f"[directions] cpu {threads} threads: {results['runs'][f'cpu_{threads}_threads']}", flush=True)
     if torch.cuda.is_available():
         results["runs"]["cuda"] = measure(a.numel, a.reps, torch.device("cuda"))

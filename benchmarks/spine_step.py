@@ -91,7 +91,9 @@ def main():
     reset_peak()
     res["fwd2x_s"] = timed(lambda i: rt.forward(batches[i].doubled()), a.reps)
     res["fwd2x_peak_rss_mb"], res["fwd2x_peak_gpu_mb"] = peak_rss_mb(), peak_gpu_mb()
+    reset_peak()
     res["two_fwd_s"] = timed(lambda i: (rt.forward(batches[i]), rt.forward(batches[i])), a.reps)
+    res["two_fwd_peak_gpu_mb"] = peak_gpu_mb()
     reset_peak()
     stats = []
     res["step_s"] = timed(lambda i: stats.append(method.step(i, [batches[i]], cfg.learning_rate, rt)), a.reps)
@@ -101,15 +103,17 @@ def main():
     dist.all_gather_object(per_rank, res)
     if comm.is_main():
         med = lambda k: statistics.median(x for r in per_rank for x in r[k])  # noqa: E731
+        forwards = "two_fwd" if two_forwards(cfg) else "fwd2x"
         summary = {
             "step_median_s": med("step_s"), "fwd2x_median_s": med("fwd2x_s"), "two_fwd_median_s": med("two_fwd_s"),
             "step_over_fwd2x": med("step_s") / med("fwd2x_s"), "step_over_two_fwd": med("step_s") / med("two_fwd_s"),
             "peak_rss_step_over_forward": max(r["step_peak_rss_mb"] / r["fwd2x_peak_rss_mb"] for r in per_rank),
-            "peak_gpu_step_over_forward": (max(r["step_peak_gpu_mb"] / r["fwd2x_peak_gpu_mb"] for r in per_rank)
+            # against the forwards the step holds (see share_outside_forwards)
+            "peak_gpu_step_over_forward": (max(r["step_peak_gpu_mb"] / r[f"{forwards}_peak_gpu_mb"] for r in per_rank)
                                            if per_rank[0]["fwd2x_peak_gpu_mb"] else None),
             # the forwards a step holds: two over the batch (MeZO; AGZO's f0 and f+; two-forward mode), else one
             # over the doubled batch
-            "share_outside_forwards": 1 - (med("two_fwd_s") if two_forwards(cfg) else med("fwd2x_s")) / med("step_s"),
+            "share_outside_forwards": 1 - med(f"{forwards}_s") / med("step_s"),
         }
         out = {"benchmark": "spine_step", "environment": environment(), "world_size": world,
                "threads_per_rank": torch.get_num_threads(),

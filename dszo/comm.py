@@ -351,7 +351,7 @@ def node_partition(timeout_s: int, per_node: bool = True) -> tuple[Optional[Part
     return mine, len(nodes)
 
 
-STALE_LOCK_S = 600   # a build of DeepSpeed's CPU comm op takes about a minute; a lock this old outlived its builder
+STALE_LOCK_S = 3600  # DeepSpeed's CPU comm op builds in about a minute, a CUDA op in minutes: an hour-old lock is stale
 
 
 def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:

@@ -31,7 +31,7 @@ ROUNDS = 10
 ALIGN = 64           # counters: ranges start and end on multiples (2 x 16 fp32 lanes of AVX-512, and more)
 # Counters per block: under ATen's grain of 32768 elements (one thread) and within a CPU's L2 cache; on an
 # accelerator one pass is cheaper. Both multiples of ALIGN.
-CPU_BLOCK, DEVICE_BLOCK = 1 << 13, 1 << 24
+CPU_BLOCK, DEVICE_BLOCK = 1 << 13, 1 << 22
 
 
 def _splitmix64(x: int) -> int:
@@ -75,11 +75,12 @@ def philox4x32(words: list[torch.Tensor], key: int) -> list[torch.Tensor]:
     step of a round for both halves."""
     x0, x1, x2, x3 = words
     mult, rest = torch.stack([x0, x2]), torch.stack([x1, x3])
-    shape = (2,) + (1,) * x0.dim()
-    m = torch.tensor(_PHILOX_M, dtype=torch.int64, device=x0.device).view(shape)
-    k0, k1 = key & _M32, (key >> 32) & _M32
-    keys = torch.tensor([[(k0 + r * _PHILOX_W[0]) & _M32, (k1 + r * _PHILOX_W[1]) & _M32] for r in range(ROUNDS)],
-                        dtype=torch.int64, device=x0.device).view((ROUNDS,) + shape)
+    shape, device = (2,) + (1,) * x0.dim(), x0.device
+    pair = lambda a, b: torch.stack([torch.full((), a, dtype=torch.int64, device=device),  # noqa: E731
+                                     torch.full((), b, dtype=torch.int64, device=device)]).view(shape)
+    m = pair(*_PHILOX_M)   # scalars written by kernels on the device: no host-to-device copy, no sync
+    rounds = torch.arange(ROUNDS, dtype=torch.int64, device=device).view((ROUNDS,) + (1,) * len(shape))
+    keys = (rounds * pair(*_PHILOX_W) + pair(key & _M32, (key >> 32) & _M32)) & _M32   # round r: k + r·W mod 2^32
     m_low, m_high = m & 0xFFFF, m >> 16
     for r in range(ROUNDS):
         hi, lo = _mulhilo(mult, m_low, m_high)
@@ -89,7 +90,8 @@ def philox4x32(words: list[torch.Tensor], key: int) -> list[torch.Tensor]:
 
 
 def _normals(counter: torch.Tensor, key: int) -> torch.Tensor:
-    """Four standard normals per counter ([len(counter) * 4], fp32): Box–Muller on 24-bit uniforms in (0, 1)."""
+    """Four standard normals per counter ([len(counter) * 4], fp32): Box–Muller on 24-bit uniforms in (0, 1]
+    (the fp32 sum rounds the largest up to 1: a zero normal with probability 2^-24, harmless)."""
     zero = torch.zeros_like(counter)
     words = torch.stack(philox4x32([counter & _M32, counter >> 32, zero, zero], key))          # [4, n]
     u = ((words >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))

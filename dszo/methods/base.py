@@ -303,7 +303,7 @@ def _as_sums(measured: tuple) -> torch.Tensor:
     """(Σ L at one point, Σ L at the other, n) as float64 [3], on the device of the sums (no host sync)."""
     a, b, n = measured
     a, b = (torch.as_tensor(x, dtype=torch.float64) for x in (a, b))
-    return torch.stack([a, b.to(a.device), torch.tensor(float(n), dtype=torch.float64, device=a.device)])
+    return torch.stack([a, b.to(a.device), torch.full((), float(n), dtype=torch.float64, device=a.device)])
 
 
 class Stopwatch:

@@ -81,6 +81,7 @@ class MeZO(DenseEstimateState, ZOMethod):
         """Hooks on every module that owns a trained parameter (a tied one: on each of its modules). Registered after
         deepspeed.initialize, the pre-hook runs after ZeRO-3's gather; the post-hook is put first, before its release."""
         names = {id(p): n for n, p in self.params.items()}
+        self.reached: set[str] = set()                   # trained tensors a perturbed forward has gone through
         self.saved: list[tuple[nn.Module, dict]] = []   # per hooked module: attribute -> θ while perturbed
         for module in self.model.modules():
             owned = [(attr, names[id(p)]) for attr, p in module.named_parameters(recurse=False) if id(p) in names]
@@ -96,7 +97,12 @@ class MeZO(DenseEstimateState, ZOMethod):
             return
         for attr, name in owned:   # Z drawn here and dropped after: never held for more than one module
             param = getattr(module, attr)
-            theta = saved[attr] = param.data
+            theta = param.data
+            if theta.numel() != self.partitions[name].numel:   # ZeRO-3's gather hook must have run before this one
+                raise RuntimeError(f"MeZO: {name} holds {theta.numel()} of its {self.partitions[name].numel} elements "
+                                   f"when {type(module).__name__} runs: it is not gathered, so it cannot be perturbed")
+            saved[attr] = theta
+            self.reached.add(name)
             z = gaussian(p.seed, tensor_key(name), 0, theta.numel(), dtype=theta.dtype, device=theta.device)
             param.data = torch.add(theta, z.view_as(theta), alpha=p.sign * p.eps)
 
@@ -107,10 +113,16 @@ class MeZO(DenseEstimateState, ZOMethod):
 
     def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
         try:
-            return self.perturbation.measure(runtime, batch, dseed, self.cfg.method.zo_eps, doubled=False)
+            measured = self.perturbation.measure(runtime, batch, dseed, self.cfg.method.zo_eps, doubled=False)
         finally:   # a forward that raised skipped its post-hooks: θ back everywhere
             for module, saved in self.saved:
                 self._restored(saved, module)
+        missed = sorted(set(self.params) - self.reached)
+        if missed:   # read outside their own module's forward: they would get updates but no perturbation
+            raise ConfigError(f"method mezo perturbs a weight in the forward of the module that owns it, but {len(missed)} "
+                              f"trained tensors were not used there (e.g. {missed[0]}); leave them out of "
+                              "method.trainable")
+        return measured
 
     def accumulate(self, t: int, dseed: int, coeff: float) -> None:
         self.estimate.accumulate(dseed, coeff)

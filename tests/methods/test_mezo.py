@@ -41,3 +41,34 @@ def test_forward_under_perturbation_equals_written_weights_and_theta_is_untouche
                 z = gaussian(11, tensor_key(n), 0, p.numel()).view_as(p)
                 p.copy_(torch.add(theta[n], z, alpha=sign * 1e-2))
             assert torch.equal(got, reference(x))   # the same operations on the same values
+
+
+class ReadsAWeightDirectly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6, bias=False)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.a.weight)   # self.a never runs: its hooks never see the weight
+
+
+class _Runtime(LocalRuntime):
+    def loss_sums(self, batch, doubled):
+        with torch.no_grad():
+            return float(self.model(batch).pow(2).sum()), 0.0, batch.shape[0]
+
+
+def test_a_weight_used_outside_its_module_is_refused_not_left_unperturbed():
+    import pytest
+
+    from dszo.config import ConfigError
+
+    model = ReadsAWeightDirectly()
+    cfg = TrainConfig(optim="sgd")
+    cfg.method = method_config_class("mezo")()
+    m = get_method("mezo")(cfg, run_seed=3)
+    m.attach(model)
+    runtime = _Runtime(model)
+    m.setup(runtime, [])
+    with pytest.raises(ConfigError, match="not used there .*a.weight.*leave them out of method.trainable"):
+        m.losses(0, 5, torch.randn(2, 6), runtime)
