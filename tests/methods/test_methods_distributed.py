@@ -16,6 +16,10 @@ from tolerances import TINY_FORWARD_REL, Trajectory, assert_meaningful, gaussian
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
 GLOBAL_BATCH, STEPS = 8, 3
+# A run whose |g| at some step is within its rounding bound cannot be compared step by step (Trajectory refuses
+# it as ill-conditioned): the seed is one whose 3 steps are well-conditioned for every method here (with the
+# counter-based directions of issue 14, seed 7 put LOZO's step 2 and AGZO's step 1 within their bounds).
+SEED = 21
 METHODS = {
     "mezo": {"method.name": "mezo", "method.zo_eps": 1e-2, "optim": "sgd", "learning_rate": 1e-2},
     "lozo": {"method.name": "lozo", "method.zo_eps": 1e-2, "method.rank": 2, "method.lazy_interval": 2,
@@ -32,7 +36,7 @@ METHODS = {
 def _cfg(tiny_model, tiny_data, out, method, n_ranks):
     over = {k: v for k, v in METHODS[method].items()}
     cfg = tiny_config(tiny_model, tiny_data, out, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // n_ranks,
-                      **{k: v for k, v in over.items() if not k.startswith("method.")})
+                      seed=SEED, **{k: v for k, v in over.items() if not k.startswith("method.")})
     cfg["method"] = {k.split(".", 1)[1]: v for k, v in over.items() if k.startswith("method.")}
     return cfg
 
