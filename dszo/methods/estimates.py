@@ -13,9 +13,10 @@ from dszo.methods.base import Partition
 from dszo.optim import PartitionOptimizer
 
 
-def dense_direction(dseed: int, part: Partition) -> torch.Tensor:
-    """This rank's slice of the dense Gaussian direction `dseed` of a tensor."""
-    return gaussian(dseed, part.key, part.start, part.end, dtype=part.local.dtype, device=part.local.device)
+def dense_direction(dseed: int, part: Partition, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """Elements [lo, hi) of this rank's partition (default: all of it) of the dense Gaussian direction `dseed`."""
+    hi = part.local.numel() if hi is None else hi
+    return gaussian(dseed, part.key, part.start + lo, part.start + hi, dtype=part.local.dtype, device=part.local.device)
 
 
 class DenseEstimate:
@@ -43,8 +44,7 @@ class DenseEstimate:
                 hi = min(n, lo + self.SLICE)
                 grad = torch.zeros(hi - lo, dtype=part.local.dtype, device=part.local.device)
                 for dseed, coeff in self.pending:   # only the slice of Z this rank owns, a piece at a time
-                    grad.add_(gaussian(dseed, part.key, part.start + lo, part.start + hi, dtype=part.local.dtype,
-                                       device=part.local.device), alpha=coeff)
+                    grad.add_(dense_direction(dseed, part, lo, hi), alpha=coeff)
                 self.optimizer.update(name, part.local[lo:hi], grad, lr, slice(lo, hi), n)
         self.discard()
 
