@@ -1,4 +1,4 @@
-"""dszo's command line: `python -m dszo {train,evaluate,replay,export}` (also the `dszo` console script, and
+"""dszo's command line: `python -m dszo {train,evaluate,replay,export,sweep}` (also the `dszo` console script, and
 `dszo/train.py` as a script). Arguments, config, the process group, and one exit code per outcome:
 
     0 done   2 configuration or usage   1 data, model, checkpoint or I/O   3 diverged (non-finite losses)
@@ -21,6 +21,7 @@ COMMANDS = {
     "evaluate": "evaluate a base model (--config) or a finished run (--run) on one split",
     "replay": "rebuild a run's trained tensors from the base model and its replay log",
     "export": "write a finished run as a PEFT adapter or a merged HF model (one process)",
+    "sweep": "run a grid of config overrides x seeds, resumably, and summarise it (dszo/sweep.py)",
 }
 TRAIN_USAGE = """\
     deepspeed --num_gpus 2 dszo/train.py --config configs/rotten_tomatoes_zo_act.yaml [--learning_rate 1e-3 ...]
@@ -170,7 +171,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         from dszo.export import main as export_main
 
         return export_main(argv[1:])
+    if command == "sweep":  # a driver: each point is its own `dszo train` process (or launcher)
+        return sweep_command(argv[1:])
     return run_command(command, rest)
+
+
+def sweep_command(argv: list[str]) -> int:
+    from dszo import sweep
+    from dszo.config import ConfigError
+
+    p = argparse.ArgumentParser(prog="python -m dszo sweep", description=COMMANDS["sweep"])
+    p.add_argument("spec", help="the sweep's YAML spec (see README, Sweeps)")
+    p.add_argument("--point", type=int, help="run only this point (e.g. $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--list", action="store_true", help="list the points and their state")
+    p.add_argument("--summary", action="store_true", help="only write the summary table and plot")
+    a = p.parse_args(argv)
+    try:
+        return sweep.main(a.spec, a.point, a.list, a.summary)
+    except ConfigError as e:
+        print(f"dszo sweep: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def entry() -> None:

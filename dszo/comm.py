@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dszo import shm
+
 
 # ----------------------------------------------------------------------------------------------
 # Launcher environment
@@ -150,15 +152,21 @@ class CommCounter:
     def _wrap(self, name, fn):
         def counted(*args, **kwargs):
             first = args[0] if args else next(iter(kwargs.values()), None)
-            n = self._nbytes(first)
-            self.calls[name] += 1
-            self.bytes[name] += n
             group = kwargs.get("group") or next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
-            self.reach["spans_nodes" if self._spans_nodes(group) else "within_node"] += n
+            self.record(name, self._nbytes(first), group)
             return fn(*args, **kwargs)
 
         counted.__wrapped__ = fn
         return counted
+
+    def record(self, name: str, nbytes: int, group) -> None:
+        self.calls[name] += 1
+        self.bytes[name] += nbytes
+        self.reach["spans_nodes" if self._spans_nodes(group) else "within_node"] += nbytes
+
+    def original(self, name: str):
+        """The uncounted function: for collectives that are the transport's own bookkeeping."""
+        return self._orig.get(name, getattr(dist, name))
 
     def _spans_nodes(self, group) -> bool:
         if self.node_of is None or len(set(self.node_of)) == 1:
@@ -179,6 +187,7 @@ class CommCounter:
 
 
 COUNTER: Optional[CommCounter] = None
+TIMEOUT_S: float = 1800.0  # the run's collective timeout (init sets it); shared-memory waits use it too
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +196,8 @@ COUNTER: Optional[CommCounter] = None
 
 def init(timeout_s: int, count_collectives: bool = True) -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
-    global COUNTER
+    global COUNTER, TIMEOUT_S
+    TIMEOUT_S = float(timeout_s)
     map_launcher_env()
     if count_collectives and COUNTER is None:
         COUNTER = CommCounter().install()
@@ -389,19 +399,82 @@ def prebuild_shm_op() -> None:
     print(f"[assets] DeepSpeed {builder.NAME} op ready in {os.environ['TORCH_EXTENSIONS_DIR']}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Shared-memory all-gather for groups on one host (ZeRO-3's parameter gathers on CPU; see dszo/shm.py)
+
+_LOCAL_GATHERS: dict = {}  # id(group) -> ShmAllGather, or None where the group spans hosts
+
+
+def _uncounted(name: str):
+    return COUNTER.original(name) if COUNTER is not None else getattr(dist, name)
+
+
+def _host_identity() -> tuple:
+    """Ranks that can share memory: same launcher node, same kernel boot, same network namespace (the
+    simulated cluster's nodes are namespaces of one host and must stay apart, as real nodes would)."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    return node_key(), boot, os.stat("/proc/self/ns/net").st_ino
+
+
+def _local_gather(group) -> Optional["shm.ShmAllGather"]:
+    """The shared-memory gather of `group`, or None. Collective over the group on its first use."""
+    key = id(group) if group is not None else 0
+    if key not in _LOCAL_GATHERS:
+        _LOCAL_GATHERS[key] = None
+        if os.environ.get("DSZO_SHM_GATHER", "1") != "0" and shm.supported():
+            members = dist.get_world_size(group)
+            ids: list = [None] * members
+            _uncounted("all_gather_object")(ids, _host_identity(), group=group)
+            if len(set(ids)) == 1:
+                ranks = dist.get_process_group_ranks(group) if group is not None else list(range(members))
+                name = (f"{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_"
+                        f"{ranks[0]}-{ranks[-1]}-{len(ranks)}").replace("/", "_")
+
+                def agree(ok: bool) -> bool:
+                    flag = torch.tensor([0 if ok else 1])
+                    _uncounted("all_reduce")(flag, op=dist.ReduceOp.SUM, group=group)
+                    return int(flag) == 0
+
+                _LOCAL_GATHERS[key] = shm.ShmAllGather(name, dist.get_rank(group), members, TIMEOUT_S, agree)
+    return _LOCAL_GATHERS[key]
+
+
+def local_all_gather(inp: torch.Tensor, out: torch.Tensor, group) -> bool:
+    """All-gather through shared memory when the group lies on one host; False if the caller must use its
+    collective. Counted as the all-gather it replaces (bytes within the node)."""
+    if torch.cuda.is_available() or dist.get_world_size(group) == 1:
+        return False
+    gather = _local_gather(group)
+    if gather is None or not gather(inp, out):
+        return False
+    if COUNTER is not None:
+        COUNTER.record("all_gather_into_tensor", out.numel() * out.element_size(), group)
+    return True
+
+
 def shutdown() -> None:
     """Barrier + destroy: a gloo process that just exits sometimes aborts with exit -6."""
     if is_initialized():
         try:
             dist.barrier()
         finally:
+            _close_local_gathers()
             dist.destroy_process_group()
 
 
 def abandon() -> None:
     """Destroy the process group without a barrier: after an error, the other ranks may never arrive."""
+    _close_local_gathers()
     if is_initialized():
         dist.destroy_process_group()
+
+
+def _close_local_gathers() -> None:
+    for g in _LOCAL_GATHERS.values():
+        if g is not None:
+            g.close()
+    _LOCAL_GATHERS.clear()
 
 
 if __name__ == "__main__":   # python -m dszo.comm hostnames 'gpu[01-04]'  (the sbatch scripts' fallback)

@@ -86,9 +86,36 @@ def initialize(model: nn.Module, ds_config: dict, optimizer=None, partition=None
 
     if optimizer is not None:  # torch.optim.SGD is outside DeepSpeed's list of ZeRO-tested optimisers; it is ours
         ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
+    _gather_through_shared_memory()
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer, mpu=partition)
     engine.eval()  # no dropout, for ZO and first-order alike
     return engine
+
+
+class _Gathered:
+    """The handle of a gather that has already completed (DeepSpeed waits on every gather's handle)."""
+
+    def wait(self, **_) -> None:
+        return None
+
+
+def _gather_through_shared_memory() -> None:
+    """Route ZeRO-3's parameter gathers through comm.local_all_gather: ranks on one host copy each other's
+    shards out of shared memory instead of over loopback TCP (DeepSpeed funnels every gather through
+    partition_parameters._dist_allgather_fn). Groups spanning hosts and CUDA tensors keep DeepSpeed's path."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    original = pp._dist_allgather_fn
+    if getattr(original, "dszo_local", False):
+        return
+
+    def gather(input_tensor, output_tensor, group=None):
+        if comm.local_all_gather(input_tensor, output_tensor, group):
+            return _Gathered()
+        return original(input_tensor, output_tensor, group)
+
+    gather.dszo_local = True
+    pp._dist_allgather_fn = gather
 
 
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:

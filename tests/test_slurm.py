@@ -7,7 +7,8 @@ import pytest
 
 from conftest import REPO
 
-SCRIPTS = ["slurm/dszo.sbatch", "slurm/dszo_torchrun.sbatch", "slurm/sweep.sh", "slurm/common.sh"]
+SCRIPTS = ["slurm/dszo.sbatch", "slurm/dszo_torchrun.sbatch", "slurm/sweep.sh", "slurm/common.sh",
+           "slurm/sweep_array.sbatch"]
 
 
 def _run(script, tmp_path, **env):
@@ -45,6 +46,11 @@ def test_sweep_submits_one_job_per_node_count(tmp_path):
     lines = _run("slurm/sweep.sh", tmp_path, SWEEP="s1", NODE_COUNTS="1 2 4 8")
     assert [ln.split()[3] for ln in lines] == ["1", "2", "4", "8"]
     assert all("RUN_DIR=runs/s1/nodes" in ln.replace("\\", "") and ln.endswith("slurm/dszo.sbatch") for ln in lines)
+
+
+def test_sweep_array_task_runs_its_point(tmp_path):
+    lines = _run("slurm/sweep_array.sbatch", tmp_path, SPEC="sweeps/probe_zo_act.yaml", SLURM_ARRAY_TASK_ID="3")
+    assert lines == [f"+ {REPO}/.venv/bin/python -m dszo sweep sweeps/probe_zo_act.yaml --point 3"], lines
 
 
 def test_recipe_outside_slurm_says_so(tmp_path):

@@ -122,12 +122,21 @@ def partition_rows(part: Partition) -> tuple[int, int]:
     return part.start // n, max(part.start, part.end - 1) // n + 1
 
 
+UPDATE_SLICE = 1 << 20  # elements of U Vᵀ formed at a time: 4 MB in fp32, whatever the layer's size
+
+
 def apply_low_rank_rows(part: Partition, u_rows: torch.Tensor, v: torch.Tensor, lr: float) -> None:
     """W[start:end] (flat) -= lr * (U Vᵀ)[the same elements], given the rows partition_rows(part) of U: each rank
-    forms only the rows of U Vᵀ its partition holds."""
+    forms only the rows of U Vᵀ its partition holds, a slice of rows at a time (never the whole block)."""
     if part.local.numel() == 0:
         return
     n = part.shape[1]
-    r0 = part.start // n
-    block = (u_rows @ v.T).reshape(-1)
-    part.local.add_(block[part.start - r0 * n: part.end - r0 * n].to(part.local.dtype), alpha=-lr)
+    first = part.start // n
+    step = max(1, UPDATE_SLICE // n)
+    for r in range(first, first + u_rows.shape[0], step):
+        lo, hi = max(part.start, r * n), min(part.end, (r + step) * n)  # flat range of these rows we hold
+        if lo >= hi:
+            continue
+        block = (u_rows[r - first:r - first + step] @ v.T).reshape(-1)
+        part.local[lo - part.start:hi - part.start].add_(block[lo - r * n:hi - r * n].to(part.local.dtype),
+                                                         alpha=-lr)

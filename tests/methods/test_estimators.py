@@ -191,3 +191,23 @@ def test_each_method_lowers_the_training_loss(name):
     for t in range(200):
         m.step(t, [batch], lr, rt)
     assert rt.loss_sums(batch, False)[0] < ratio * before
+
+
+@pytest.mark.parametrize("m,n,start,end,rows_per_slice", [(7, 5, 3, 29, 1), (7, 5, 0, 35, 2), (4, 9, 9, 18, 100),
+                                                           (6, 4, 5, 6, 1), (300, 64, 1000, 15000, 7)])
+def test_low_rank_update_in_row_slices_equals_the_whole_block(monkeypatch, m, n, start, end, rows_per_slice):
+    """LOZO's and AGZO's W -= lr U Vᵀ on a rank's flat partition, formed a few rows at a time (partitions that
+    start and end mid-row included), equals the update formed from the whole U Vᵀ. Each element is the same
+    2-term dot product either way: float64 and a bound of a few ulps of the operands' magnitude."""
+    from dszo.methods import estimates
+    from dszo.methods.base import Partition
+
+    monkeypatch.setattr(estimates, "UPDATE_SLICE", rows_per_slice * n)
+    g = torch.Generator().manual_seed(m * n + start)
+    w, u, v = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((m * n,), (m, 2), (n, 2)))
+    expected = w[start:end] - 0.1 * (u @ v.T).reshape(-1)[start:end]
+    part = Partition("w", 0, (m, n), start, end, w[start:end].clone())
+    r0, r1 = estimates.partition_rows(part)
+    estimates.apply_low_rank_rows(part, u[r0:r1], v, 0.1)
+    bound = 8 * torch.finfo(torch.float64).eps * (1 + (u.abs() @ v.abs().T).max())
+    torch.testing.assert_close(part.local, expected, rtol=0, atol=float(bound))

@@ -1,0 +1,206 @@
+"""Sweeps: a grid (or a list) of config overrides x seeds, each point one training run in its own folder.
+
+    python -m dszo sweep sweeps/rotten_tomatoes_lr.yaml            # every unfinished point, one after another
+    python -m dszo sweep sweeps/rotten_tomatoes_lr.yaml --list     # the points and their state
+    python -m dszo sweep sweeps/rotten_tomatoes_lr.yaml --point 3  # only point 3 (a Slurm array task)
+    python -m dszo sweep sweeps/rotten_tomatoes_lr.yaml --summary  # only summary.csv / summary.json / plots
+
+Resumable: a point whose folder holds results.json is done and never runs again; an interrupted point resumes
+from its latest checkpoint (set save_steps in `overrides`), or starts over when it has none or its method
+cannot resume. A failed point is recorded (failed.json) and retried by the next invocation; the others go on.
+A point whose losses stopped being finite (exit 3) is a result: recorded (diverged.json), never rerun.
+The spec (YAML) is documented in the README ("Sweeps") and by SweepSpec below.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from dszo.config import ConfigError, load_config, parse_overrides
+
+
+@dataclasses.dataclass
+class SweepSpec:
+    config: str                                   # the base training config every point starts from
+    output_dir: str                               # points go to <output_dir>/<point name>/
+    grid: dict = dataclasses.field(default_factory=dict)      # key -> values: every combination
+    points: list = dataclasses.field(default_factory=list)    # explicit override sets (after the grid's)
+    seeds: list = dataclasses.field(default_factory=lambda: [42])
+    overrides: dict = dataclasses.field(default_factory=dict)  # applied to every point
+    launcher: str = "python"                      # python: one process (all cores); or e.g. "deepspeed --num_gpus 2"
+    metric: str = "dev_accuracy_after"            # the summary column points are ranked by (higher is better)
+
+
+@dataclasses.dataclass
+class Point:
+    index: int
+    name: str
+    overrides: dict                               # this point's keys (grid/points) and seed, without `overrides`
+    out: Path
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep spec {p}: no such file")
+    raw = yaml.safe_load(p.read_text()) or {}
+    known = {f.name for f in dataclasses.fields(SweepSpec)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"sweep spec {p}: unknown key(s) {unknown}; known: {sorted(known)}")
+    for key in ("config", "output_dir"):
+        if key not in raw:
+            raise ConfigError(f"sweep spec {p}: `{key}` is required")
+    spec = SweepSpec(**raw)
+    if not isinstance(spec.grid, dict) or any(not isinstance(v, list) or not v for v in spec.grid.values()):
+        raise ConfigError(f"sweep spec {p}: `grid` maps each config key to a non-empty list of values")
+    if not isinstance(spec.points, list) or any(not isinstance(x, dict) for x in spec.points):
+        raise ConfigError(f"sweep spec {p}: `points` is a list of {{key: value}} override sets")
+    for overrides in [spec.overrides, *spec.points, *({k: v[0]} for k, v in spec.grid.items())]:
+        _check_keys(spec, overrides, p)
+    return spec
+
+
+def _check_keys(spec: SweepSpec, overrides: dict, where: Path) -> None:
+    """Every key must be a config key: load the base config with it (a typo fails now, not after hours)."""
+    try:
+        _config(spec.config, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"sweep spec {where}: {e}") from None
+
+
+def _text(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _args(overrides: dict) -> list[str]:
+    return [a for k, v in overrides.items() for a in (f"--{k}", _text(v))]
+
+
+def _config(path: str, overrides: dict):
+    return load_config(path, parse_overrides(_args(overrides)))
+
+
+def expand(spec: SweepSpec) -> list[Point]:
+    keys = list(spec.grid)
+    sets = [dict(zip(keys, combo)) for combo in itertools.product(*(spec.grid[k] for k in keys))] if keys else []
+    sets += [dict(x) for x in spec.points]
+    sets = sets or [{}]
+    points = []
+    for overrides in sets:
+        for seed in spec.seeds:
+            values = {**overrides, "seed": seed}
+            name = ",".join(f"{k}={_text(v)}" for k, v in values.items()).replace("/", "_").replace(" ", "")
+            points.append(Point(len(points), name, values, Path(spec.output_dir) / name))
+    return points
+
+
+EXIT_DIVERGED = 3  # dszo train's exit code when the losses stopped being finite: a result, not a failure
+
+
+def state(point: Point) -> str:
+    if (point.out / "results.json").exists():
+        return "done"
+    if (point.out / "diverged.json").exists():
+        return "diverged"
+    if (point.out / "failed.json").exists():
+        return "failed"
+    if (point.out / "config.yaml").exists():
+        return "interrupted"
+    return "pending"
+
+
+def command(spec: SweepSpec, point: Point) -> list[str]:
+    """The training command of a point: resumes from its latest checkpoint where it has one."""
+    overrides = {**spec.overrides, **point.overrides, "output_dir": str(point.out)}
+    resumable = _config(spec.config, overrides).method.capabilities().resumable
+    if state(point) == "interrupted" and resumable and (point.out / "latest").exists():
+        overrides["resume_from_checkpoint"] = "latest"
+    else:
+        overrides["overwrite_output_dir"] = True
+    args = _args(overrides)
+    if spec.launcher == "python":
+        return [sys.executable, "-m", "dszo", "train", "--config", spec.config, *args]
+    return [*shlex.split(spec.launcher), "--module", "dszo", "train", "--config", spec.config, *args]
+
+
+def run_point(spec: SweepSpec, point: Point) -> bool:
+    cmd = command(spec, point)
+    point.out.mkdir(parents=True, exist_ok=True)
+    (point.out / "failed.json").unlink(missing_ok=True)
+    print(f"[sweep] point {point.index}: {point.name}", flush=True)
+    tic = time.perf_counter()
+    with open(point.out / "sweep.log", "a") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = (point.out / "sweep.log").read_text(errors="replace").splitlines()[-15:]
+        outcome = "diverged" if code == EXIT_DIVERGED else "failed"
+        (point.out / f"{outcome}.json").write_text(json.dumps({"exit_code": code, "command": cmd, "log_tail": tail},
+                                                              indent=2) + "\n")
+        print(f"[sweep] point {point.index} {outcome} (exit {code}); see {point.out / 'sweep.log'}", flush=True)
+        return outcome == "diverged"
+    print(f"[sweep] point {point.index} done in {time.perf_counter() - tic:.0f} s", flush=True)
+    return True
+
+
+def example_forwards_per_step(cfg, world_size: int) -> float:
+    """Example-forward passes a step costs: ZO methods measure each example at +eps and -eps (or f0 and f+) per
+    direction; the first-order reference counts as 3 (a backward costs about two forwards)."""
+    examples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    zeroth_order = cfg.method.capabilities().zeroth_order
+    return examples * (2 * getattr(cfg.method, "num_directions", 1) if zeroth_order else 3)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(spec: SweepSpec, points: Optional[list[Point]] = None) -> list[dict]:
+    """One row per point: its overrides, state, the end-of-run results and the dev curve (summary.json/csv)."""
+    from dszo.sweep_report import write_summary
+
+    rows = []
+    for p in points or expand(spec):
+        row = {"point": p.index, "name": p.name, **p.overrides, "state": state(p)}
+        if row["state"] == "done":
+            results = json.loads((p.out / "results.json").read_text())
+            cfg = load_config(str(p.out / "config.yaml"))
+            per_step = example_forwards_per_step(cfg, results.get("world_size", 1))
+            evals = [m for m in _read_jsonl(p.out / "metrics.jsonl") if m.get("event") == "eval"]
+            row.update({k: v for k, v in results.items() if k != "event"},
+                       example_forwards=per_step * results["steps"],
+                       dev_curve=[[m["step"] * per_step, m.get("eval_accuracy")] for m in evals],
+                       dev_accuracy_best=max((m.get("eval_accuracy") or 0 for m in evals), default=None))
+        rows.append(row)
+    write_summary(spec, rows)
+    return rows
+
+
+def main(spec_path: str, point: Optional[int], list_only: bool, summary_only: bool) -> int:
+    spec = load_spec(spec_path)
+    points = expand(spec)
+    if list_only:
+        for p in points:
+            print(f"{p.index:4d}  {state(p):11}  {p.name}")
+        return 0
+    failed = 0
+    if not summary_only:
+        if point is not None and not 0 <= point < len(points):
+            raise ConfigError(f"--point {point}: the sweep has points 0..{len(points) - 1}")
+        for p in ([points[point]] if point is not None else points):
+            if state(p) not in ("done", "diverged"):
+                failed += not run_point(spec, p)
+    summarize(spec, points)
+    print(f"[sweep] summary in {Path(spec.output_dir) / 'summary.csv'}")
+    return 1 if failed else 0

@@ -1,0 +1,84 @@
+"""Sweeps (dszo/sweep.py): spec checking, the points, resumability, and a real two-point sweep of tiny runs."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from dszo import sweep
+from dszo.config import ConfigError
+from tests.conftest import REPO, rank_env, tiny_config
+
+
+def _spec(tmp_path, tiny_model, tiny_data, **spec) -> str:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_config(tiny_model, tiny_data, tmp_path / "unused", max_steps=2,
+                                               eval_before_training=False)))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"config": str(base), "output_dir": str(tmp_path / "sweep"), **spec}))
+    return str(path)
+
+
+def test_grid_times_seeds_then_points_each_in_its_own_folder(tmp_path, tiny_model, tiny_data):
+    spec = sweep.load_spec(_spec(tmp_path, tiny_model, tiny_data, grid={"learning_rate": [1e-3, 1e-2],
+                                 "method.zo_eps": [1e-3]}, points=[{"method.rank": 1}], seeds=[1, 2]))
+    points = sweep.expand(spec)
+    assert [p.name for p in points] == [
+        "learning_rate=0.001,method.zo_eps=0.001,seed=1", "learning_rate=0.001,method.zo_eps=0.001,seed=2",
+        "learning_rate=0.01,method.zo_eps=0.001,seed=1", "learning_rate=0.01,method.zo_eps=0.001,seed=2",
+        "method.rank=1,seed=1", "method.rank=1,seed=2"]
+    assert len({p.out for p in points}) == 6 and all(sweep.state(p) == "pending" for p in points)
+
+
+@pytest.mark.parametrize("bad,message", [({"grid": {"learnin_rate": [1]}}, "learnin_rate"),
+                                         ({"grid": {"learning_rate": []}}, "non-empty list"),
+                                         ({"overrides": {"method.rnak": 2}}, "rnak"),
+                                         ({"gird": {}}, "unknown key")])
+def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, tiny_model, tiny_data, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep.load_spec(_spec(tmp_path, tiny_model, tiny_data, **bad))
+
+
+def test_an_interrupted_point_resumes_from_its_checkpoint_and_a_fresh_one_overwrites(tmp_path, tiny_model,
+                                                                                    tiny_data):
+    spec = sweep.load_spec(_spec(tmp_path, tiny_model, tiny_data, grid={"learning_rate": [1e-3]}))
+    p = sweep.expand(spec)[0]
+    assert "--overwrite_output_dir" in sweep.command(spec, p)
+    p.out.mkdir(parents=True)
+    (p.out / "config.yaml").write_text("{}")
+    (p.out / "latest").write_text("checkpoint-1")
+    assert sweep.state(p) == "interrupted"
+    cmd = sweep.command(spec, p)
+    assert cmd[cmd.index("--resume_from_checkpoint") + 1] == "latest" and "--overwrite_output_dir" not in cmd
+
+
+def test_a_sweep_runs_every_point_once_and_summarises(tmp_path, tiny_model, tiny_data):
+    path = _spec(tmp_path, tiny_model, tiny_data, grid={"learning_rate": [1e-3, 1e-2]}, seeds=[3])
+    cmd = [sys.executable, "-m", "dszo", "sweep", path]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=rank_env(), timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert first.stdout.count("done in") == 2
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=rank_env(), timeout=300)
+    assert again.returncode == 0 and "done in" not in again.stdout, again.stdout  # nothing runs twice
+    out = tmp_path / "sweep"
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [r["learning_rate"] for r in rows] == ["0.001", "0.01"] and {r["state"] for r in rows} == {"done"}
+    summary = json.loads((out / "summary.json").read_text())["rows"]
+    # 2 steps x 8 examples x 2 forwards (ZO-Act), the dev curve ends at the final evaluation
+    assert [r["example_forwards"] for r in summary] == [32, 32]
+    assert all(0 <= r["dev_accuracy_after"] <= 1 and r["dev_curve"][-1][0] == 32 for r in summary)
+    assert (out / "summary.png").stat().st_size > 0
+
+
+def test_a_failing_point_is_recorded_and_the_sweep_exits_non_zero(tmp_path, tiny_model, tiny_data):
+    path = _spec(tmp_path, tiny_model, tiny_data, grid={"model.name_or_path": [str(tmp_path / "no_model")]})
+    res = subprocess.run([sys.executable, "-m", "dszo", "sweep", path], capture_output=True, text=True, cwd=REPO,
+                         env=rank_env(), timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    failed = next((tmp_path / "sweep").glob("*/failed.json"))
+    assert json.loads(failed.read_text())["exit_code"] != 0
+    listing = subprocess.run([sys.executable, "-m", "dszo", "sweep", path, "--list"], capture_output=True,
+                             text=True, cwd=REPO, env=rank_env(), timeout=120)
+    assert "failed" in listing.stdout
