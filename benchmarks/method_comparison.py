@@ -1,69 +1,149 @@
-"""Collect runs/compare/*/metrics.jsonl into a table, a JSON results file and a plot of dev accuracy vs
-forward passes (see method_comparison.sh). Forward passes count example-forwards: ZO methods do two per
-example and direction (L+ and L-; AGZO: L and L+), the first-order reference one forward and one backward,
-counted as three (a backward costs about two forwards)."""
+"""The fair method comparison (issue 15), stage 2 and the report, on top of `dszo sweep`.
+
+    python benchmarks/method_comparison.py plan     # best learning rate per method from the probe sweeps
+                                                    # (sweeps/probe_<m>.yaml, dev split) -> sweeps/final_<m>.yaml
+    python -m dszo sweep sweeps/final_<m>.yaml      # each method at its best setting, >= 2 seeds (resumable)
+    python benchmarks/method_comparison.py report   # test accuracy vs example-forward passes, wall clock
+                                                    # -> benchmarks/results/method_comparison.{json,png}
+    (bash benchmarks/method_comparison.sh does all of it.)
+
+Selection uses the dev split only (mean dev accuracy at the end of the probe over its seeds; a tie goes to the
+smaller learning rate); the test split is only reported. Every method gets the same budget of example-forward
+passes: ZO methods 2 per example and direction, the first-order reference 3 (a backward ~ two forwards).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PASSES = {"first_order": 3}   # per example and step; ZO methods: 2 per direction
+METHODS = ("zo_act", "agzo", "lozo", "lozo_m", "mezo", "first_order")
+ZO_STEPS = 400                   # final budget: 400 ZO steps x 16 examples x 2 forwards = 12,800 per example-run
+SEEDS = [42, 43]
+EVERY = 50                       # dev and test evaluations every EVERY ZO steps (first-order: 2/3 of it)
 
 
-def collect(run: Path) -> dict:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    import yaml
-
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    setup = next(r for r in records if r.get("event") == "setup")
-    steps = [r for r in records if "event" not in r]
-    end = next(r for r in records if r.get("event") == "end")
-    method = run.name.split("-lr")[0]
-    batch = steps[0]["num_examples"]
-    per_example = PASSES.get(method, 2 * cfg["method"].get("num_directions", 1))
-    evals = [{"step": r["step"], "forward_passes": r["step"] * batch * per_example, "accuracy": r["eval_accuracy"],
-              "loss": r["eval_loss"]} for r in records if r.get("event") == "eval"]
-    return {"run": run.name, "method": method, "lr": steps[0]["lr"] if steps else None, "global_batch": batch,
-            "passes_per_example": per_example, "evals": evals, "mean_step_s": end["mean_step_s"],
-            "wall_s": end["wall_s"], "world_size": setup["world_size"], "final_accuracy": end["dev_accuracy_after"]}
+def _summary(name: str) -> tuple[dict, list[dict]]:
+    """(spec, rows) of a sweep's summary: the run folder's, else the committed copy."""
+    for root in ("runs/sweeps", "benchmarks/results/sweeps"):
+        path = Path(root) / name / "summary.json"
+        if path.exists():
+            d = json.loads(path.read_text())
+            return d["spec"], d["rows"]
+    return {}, []
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("root")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--plot", required=True)
-    args = ap.parse_args()
+def best_setting(spec: dict, rows: list[dict]) -> tuple[dict, float] | None:
+    """The probe setting with the best mean dev accuracy over its seeds (ties: the smaller learning rate)."""
+    from dszo.sweep_report import settings
+
+    swept = list(spec.get("grid", {})) + [k for p in spec.get("points", []) for k in p]
+    scored = []
+    for group in settings([r for r in rows if r["state"] == "done"]).values():
+        keys = {k: group[0][k] for k in swept if k in group[0]}
+        scored.append((statistics.fmean(r["dev_accuracy_after"] for r in group), -group[0]["learning_rate"], keys))
+    if not scored:
+        return None
+    acc, _, keys = max(scored, key=lambda s: (s[0], s[1]))
+    return keys, acc
+
+
+def plan() -> None:
+    for m in METHODS:
+        found = best_setting(*_summary(f"probe_{m}"))
+        if found is None:
+            print(f"{m:12} no finished probe yet: run benchmarks/method_tuning.sh")
+            continue
+        keys, acc = found
+        fo = m == "first_order"
+        steps, every = (ZO_STEPS * 2 // 3, EVERY * 2 // 3) if fo else (ZO_STEPS, EVERY)
+        spec = {"config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": f"runs/sweeps/final_{m}",
+                "points": [keys], "seeds": SEEDS,
+                "overrides": {"per_device_train_batch_size": 16, "max_steps": steps, "eval_steps": every,
+                              "test_eval_steps": every, "disable_tqdm": True, **({} if fo else {"save_steps": every})}}
+        Path(f"sweeps/final_{m}.yaml").write_text(
+            f"# Written by benchmarks/method_comparison.py plan: {m} at its best probe setting (dev accuracy "
+            f"{acc:.3f}),\n# {len(SEEDS)} seeds, the same example-forward budget as every method.\n"
+            + yaml.safe_dump(spec, sort_keys=False))
+        print(f"{m:12} best {keys} (probe dev accuracy {acc:.3f}) -> sweeps/final_{m}.yaml")
+
+
+def _curve_stats(rows: list[dict], key: str) -> list[list[float]]:
+    """[[forward passes, mean, min, max]] over the seeds, at the evaluation points every seed has."""
+    curves = [r[key] for r in rows if r.get(key)]
+    if not curves:
+        return []
+    n = min(len(c) for c in curves)
+    return [[curves[0][i][0], *(f(c[i][1] for c in curves) for f in (statistics.fmean, min, max))] for i in range(n)]
+
+
+def report(out: Path, plot: Path) -> None:
     from benchmarks.common import environment
 
-    runs = [collect(p) for p in sorted(Path(args.root).iterdir()) if (p / "metrics.jsonl").exists()]
-    Path(args.out).write_text(json.dumps({"environment": environment(), "runs": runs}, indent=1) + "\n")
-    print(f"{'run':22} {'lr':>8} {'fwd passes':>10} {'acc start':>9} {'acc end':>8} {'best':>6} {'step s':>7}")
-    for r in runs:
-        accs = [e["accuracy"] for e in r["evals"]]
-        print(f"{r['run']:22} {r['lr']:8.1e} {r['evals'][-1]['forward_passes']:10d} {accs[0]:9.3f} {accs[-1]:8.3f} "
-              f"{max(accs):6.3f} {r['mean_step_s']:7.2f}")
+    methods = {}
+    for m in METHODS:
+        rows = [r for r in _summary(f"final_{m}")[1] if r["state"] == "done"]
+        if not rows:
+            continue
+        methods[m] = {
+            "setting": {k: rows[0][k] for k in ("learning_rate",) if k in rows[0]}, "seeds": [r["seed"] for r in rows],
+            "test_accuracy": [r["test_accuracy"] for r in rows], "dev_accuracy": [r["dev_accuracy_after"] for r in rows],
+            "test_majority_rate": rows[0].get("test_majority_rate"), "example_forwards": rows[0]["example_forwards"],
+            "wall_s": [r["wall_s"] for r in rows], "mean_step_s": [r["mean_step_s"] for r in rows],
+            "test_curve": _curve_stats(rows, "test_curve"), "dev_curve": _curve_stats(rows, "dev_curve")}
+    out.write_text(json.dumps({"benchmark": "method_comparison", "environment": environment(),
+                               "command": "bash benchmarks/method_comparison.sh", "methods": methods}, indent=1) + "\n")
+    print(f"{'method':12} {'lr':>8} {'test acc (seeds)':>22} {'majority':>8} {'fwd passes':>10} {'wall s':>7}")
+    for m, r in methods.items():
+        accs = ", ".join(f"{a:.3f}" for a in r["test_accuracy"])
+        print(f"{m:12} {r['setting'].get('learning_rate', 0):8.0e} {accs:>22} {r['test_majority_rate'] or 0:8.3f} "
+              f"{r['example_forwards']:10d} {statistics.fmean(r['wall_s']):7.0f}")
+    _plot(methods, plot)
+
+
+def _plot(methods: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in runs:
-        ax.plot([e["forward_passes"] for e in r["evals"]], [e["accuracy"] for e in r["evals"]], marker="o",
-                label=f"{r['run']} (lr {r['lr']:.0e})", linestyle="--" if r["method"] == "first_order" else "-")
-    ax.set_xlabel("example forward passes (first-order: forward + backward = 3)")
-    ax.set_ylabel("dev accuracy (300 held-out examples)")
-    ax.set_title("SmolLM2-135M, Rotten Tomatoes, same forward budget")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    for m, r in methods.items():
+        c = r["test_curve"]
+        if c:
+            line, = ax.plot([x[0] for x in c], [x[1] for x in c], marker="o", label=m,
+                            linestyle="--" if m == "first_order" else "-")
+            ax.fill_between([x[0] for x in c], [x[2] for x in c], [x[3] for x in c], alpha=0.2,
+                            color=line.get_color())
+    majority = next((r["test_majority_rate"] for r in methods.values() if r["test_majority_rate"]), None)
+    if majority:
+        ax.axhline(majority, color="grey", linewidth=0.8, linestyle=":", label="majority class")
+    ax.set_xlabel("example-forward passes (first-order: forward + backward = 3)")
+    ax.set_ylabel("test accuracy (mean over seeds, min-max band)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    names = list(methods)
+    bx.barh(names, [statistics.fmean(methods[m]["wall_s"]) / 60 for m in names])
+    bx.set_xlabel("wall clock per run (min, one process, 2 cores)")
+    fig.suptitle("SmolLM2-135M, Rotten Tomatoes: each method at its dev-tuned learning rate, same forward budget")
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
-    print(f"plot: {args.plot}")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stage", choices=["plan", "report"])
+    ap.add_argument("--out", default="benchmarks/results/method_comparison.json")
+    ap.add_argument("--plot", default="benchmarks/results/method_comparison.png")
+    a = ap.parse_args()
+    plan() if a.stage == "plan" else report(Path(a.out), Path(a.plot))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def resolve_tokenizer_path(name_or_path: str) -> str:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`bundled:smollm2-135m` names the converted bundled model; anything else is passed through."""
+    """`bundled:smollm2-135m` names the converted bundled model; a .gguf file is converted once into the project
+    cache (`.cache/models/`) and that folder used; a folder or a hub name is passed through."""
     if name_or_path in ("bundled", "bundled:smollm2-135m"):
         path = bundled_model_dir()
         if not (path / "config.json").exists():
@@ -67,6 +68,8 @@ def resolve_model_path(name_or_path: str) -> str:
                 "(or `python -m dszo.assets prepare-model`)")
         return str(path)
     p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf" and p.is_file():
+        return str(prepared_gguf(p))
     if p.is_dir():
         if not (p / "config.json").exists():
             raise FileNotFoundError(f"model.name_or_path {name_or_path}: the folder has no config.json; give a "
@@ -74,7 +77,8 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(p)
     if p.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") > 1 or p.exists():
         raise FileNotFoundError(f"model.name_or_path {name_or_path}: no such model folder; give a local Hugging "
-                                "Face model folder, a hub name (where a hub is reachable) or bundled:smollm2-135m")
+                                "Face model folder, a .gguf file, a hub name (where a hub is reachable) or "
+                                "bundled:smollm2-135m")
     return name_or_path  # a hub name
 
 
@@ -100,18 +104,22 @@ def prepare_model(force: bool = False) -> Path:
         _drop_gguf_quantization_config(out / "config.json")
         print(f"[assets] bundled model already prepared: {out}")
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    return convert_gguf(_find_gguf(), out)
 
-    gguf = _find_gguf()
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """A GGUF file -> a Hugging Face folder of fp32 safetensors (dequantized), its tokenizer beside them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     print(f"[assets] converting {gguf.name} -> {out} (once)")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model of the same config.
-    dst = LlamaForCausalLM(src.config)
+    dst = AutoModelForCausalLM.from_config(src.config, dtype="float32")
     missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+        raise RuntimeError(f"GGUF conversion of {gguf} mismatch: missing={missing} unexpected={unexpected}")
     dst.tie_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
@@ -122,6 +130,28 @@ def prepare_model(force: bool = False) -> Path:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a prepared model
+    return out
+
+
+def gguf_model_dir(gguf: Path) -> Path:
+    """The cache folder of a converted GGUF file: named by the file and its size and time, so an edited or
+    replaced file is converted again."""
+    st = gguf.stat()
+    return cache_dir() / "models" / f"{gguf.stem}-{st.st_size:x}-{int(st.st_mtime):x}"
+
+
+def prepared_gguf(gguf: Path) -> Path:
+    """Convert once; ranks (and runs) that ask at the same time wait for the one converting (a file lock)."""
+    import fcntl
+
+    out = gguf_model_dir(gguf)
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").exists():
+            convert_gguf(gguf.resolve(), out)
     return out
 
 

@@ -255,8 +255,14 @@ def save(out: Path, step: int, method, trainer, keep: int) -> Path:
 def check_compatible(meta: dict, cfg: dict, world: int, path: Path) -> None:
     """The checkpoint must come from this run's settings; the world size may differ (the global batch may not)."""
     old = meta["config"]
+    directions = lambda c: c["method"].get("num_directions", 1) * c.get("direction_groups", 1)  # noqa: E731
+    if directions(old) != directions(cfg):
+        raise CheckpointError(f"{path} was saved with {directions(old)} directions a step (direction_groups x "
+                              f"method.num_directions), this run has {directions(cfg)}: keep the product")
     for key in TRAJECTORY_KEYS:
         for name, was, now in _differences(key, old.get(key), cfg.get(key)):
+            if name == "method.num_directions":   # may trade against direction_groups (checked above)
+                continue
             raise CheckpointError(f"{path} was saved with {name} = {was!r}, this run has {now!r}: resume with the "
                                   "same settings (or start a new run in another output_dir)")
     batch = lambda c, w: c["per_device_train_batch_size"] * c["gradient_accumulation_steps"] * w  # noqa: E731

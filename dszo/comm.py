@@ -345,9 +345,11 @@ def node_partition(timeout_s: int, per_node: bool = True) -> tuple[Optional[Part
     reach with it) and creates every node's group, in the same order."""
     if world_size() == 1:
         return None, 1
+    global NODE_OF
     keys: list = [None] * world_size()
     dist.all_gather_object(keys, node_key())
     nodes = list(dict.fromkeys(keys))  # in order of first rank
+    NODE_OF = keys
     if COUNTER is not None:
         COUNTER.node_of = keys
     if len(nodes) == 1 or not per_node:
@@ -359,6 +361,33 @@ def node_partition(timeout_s: int, per_node: bool = True) -> tuple[Optional[Part
         if rank() in ranks:
             mine = PartitionGroup(group, ranks)
     return mine, len(nodes)
+
+
+NODE_OF: Optional[list] = None   # node key of every rank, once node_partition has run
+
+
+def direction_slots(groups: int) -> tuple[list[int], int, int]:
+    """Direction parallelism: the world's nodes form `groups` groups of whole nodes; group k measures direction
+    slot k on part k of the global batch. Returns (the slots this rank measures, its position among the ranks
+    that share them, how many ranks share them). With fewer nodes than groups, each node measures several
+    slots one after another (one rank: all of them) -- the same step, sequentially."""
+    keys = NODE_OF if NODE_OF is not None and world_size() > 1 else ["local"] * world_size()
+    nodes = list(dict.fromkeys(keys))
+    ranks_of = {n: [r for r, k in enumerate(keys) if k == n] for n in nodes}
+    if len({len(r) for r in ranks_of.values()}) != 1:
+        raise ValueError(f"direction_groups needs the same number of ranks on every node, got "
+                         f"{ {n: len(r) for n, r in ranks_of.items()} }")
+    me, n = nodes.index(keys[rank()]), len(nodes)
+    if groups <= n and n % groups == 0:
+        per = n // groups
+        slot = me // per
+        ranks = [r for node in nodes[slot * per:(slot + 1) * per] for r in ranks_of[node]]
+        return [slot], ranks.index(rank()), len(ranks)
+    if groups > n and groups % n == 0:
+        per = groups // n
+        return list(range(me * per, (me + 1) * per)), ranks_of[nodes[me]].index(rank()), len(ranks_of[nodes[me]])
+    raise ValueError(f"direction_groups = {groups} with {n} nodes: the number of groups must divide the number of "
+                     "nodes or be a multiple of it")
 
 
 STALE_LOCK_S = 3600  # DeepSpeed's CPU comm op builds in about a minute, a CUDA op in minutes: an hour-old lock is stale

@@ -100,6 +100,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     logging_steps: int = 10
     eval_steps: int = 0               # 0: evaluate only before and after training
+    test_eval_steps: int = 0          # also the test split every N steps, for curves in reports (never for selection)
     save_steps: int = 0               # resumable checkpoint every N steps (0: none; SIGTERM always saves one)
     save_total_limit: int = 2         # keep the newest N checkpoints (0: all)
     resume_from_checkpoint: Optional[str] = None   # "latest" (output_dir's pointer) or a checkpoint folder
@@ -112,6 +113,9 @@ class TrainConfig:
     # and parameter gathers stay inside the node (only dszo's scalars cross nodes); world: one copy over all ranks
     # (for a model that does not fit in one node). auto: node for ZO methods on several nodes, else world.
     partition: Literal["auto", "world", "node"] = "auto"
+    # Direction parallelism: G groups of whole nodes each measure their own direction of the step on their part of
+    # the global batch (G x num_directions directions a step); only the G x 3 loss sums cross nodes. 1: off.
+    direction_groups: int = 1
     disable_tqdm: bool = False
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl, tensorboard
     log_comm_bytes: bool = True       # count bytes of every collective (cheap) and log them per step
@@ -263,9 +267,14 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.per_device_eval_batch_size >= 1, "per_device_eval_batch_size must be >= 1")
     need(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
     need(cfg.ddp_timeout >= 1, "ddp_timeout must be >= 1 second")
-    for key in ("save_steps", "save_total_limit", "max_bad_steps", "eval_steps", "logging_steps"):
+    for key in ("save_steps", "save_total_limit", "max_bad_steps", "eval_steps", "test_eval_steps", "logging_steps"):
         need(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1/adam_beta2 must lie in [0, 1)")
+    need(cfg.direction_groups >= 1, f"direction_groups must be >= 1, got {cfg.direction_groups}")
+    need(cfg.direction_groups == 1 or cfg.method.capabilities().zeroth_order,
+         f"direction_groups > 1 needs a zeroth-order method; {cfg.method.name} computes gradients")
+    need(not (cfg.direction_groups > 1 and cfg.partition == "world"),
+         "direction_groups > 1 needs partition: node (or auto): every group of nodes holds its own sharded copy")
     need(not (cfg.partition == "node" and cfg.method.capabilities().world_partition),
          f"partition: node cannot train {cfg.method.name}: its gradients must be reduced across every rank of every "
          "node, which a per-node ZeRO-3 group does not do; use partition: world (or auto)")

@@ -38,6 +38,7 @@ class Batch:
     target_len: Optional[torch.Tensor] = None     # [rows] scored tokens at the end of each row
     num_candidates: int = 0
     answers: list = field(default_factory=list)   # generation: reference answers per example
+    slot: int = 0                 # direction parallelism: the direction slot this batch is measured for
 
     @property
     def num_examples(self) -> int:
@@ -203,6 +204,18 @@ class StepSampler:
             out += self._perm(epoch)[off:off + take]
             pos += take
         return out
+
+    def slot_micro_batches(self, t: int, groups: int, slot: int, position: int, sharing: int,
+                           accum: int) -> list[list[int]]:
+        """Direction slot `slot` of `groups` measures part `slot` of the global batch; the `sharing` ranks that
+        measure it split that part, this rank taking share `position`, in `accum` micro-batches. With one group
+        this is rank_micro_batches (position = rank, sharing = world)."""
+        g = self.global_indices(t)
+        part = len(g) // groups
+        share = part // sharing
+        mine = g[slot * part + position * share: slot * part + (position + 1) * share]
+        micro = share // accum
+        return [mine[j * micro:(j + 1) * micro] for j in range(accum)]
 
     def rank_micro_batches(self, t: int, rank: int, world: int, micro: int, accum: int) -> list[list[int]]:
         g = self.global_indices(t)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 
 import torch
 
@@ -99,19 +100,45 @@ def _normals(counter: torch.Tensor, key: int) -> torch.Tensor:
     return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1).permute(1, 0, 2).reshape(-1)
 
 
-def gaussian(seed: int, key: int, start: int, end: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Standard normal values of flat elements [start, end) of tensor `key` for `seed`, drawn on `device`."""
+def _signs(counter: torch.Tensor, key: int) -> torch.Tensor:
+    """128 Rademacher values (±1, fp32) per counter: the 4 x 32 bits of its Philox output, word by word, low bit
+    first (bit 1 -> -1). Integer work only, so the values are identical on every device and for every slice. The
+    words are read as little-endian bytes (one byte op per 8 values; the int64 words first wrap to int32)."""
+    zero = torch.zeros_like(counter)
+    words = torch.stack(philox4x32([counter & _M32, counter >> 32, zero, zero], key), -1)      # [n, 4]
+    as_bytes = words.to(torch.int32).view(torch.uint8).view(-1, 16, 1)                            # [n, 16, 1]
+    if sys.byteorder != "little":
+        as_bytes = as_bytes.view(-1, 4, 4).flip(-1).reshape(-1, 16, 1)
+    bits = (as_bytes >> torch.arange(8, dtype=torch.uint8, device=counter.device)) & 1          # [n, 16, 8]
+    return bits.reshape(-1).to(torch.float32).mul_(-2).add_(1)
+
+
+KINDS = {"gaussian": (_normals, 4), "rademacher": (_signs, 128)}   # values per counter
+
+
+def direction(kind: str, seed: int, key: int, start: int, end: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Elements [start, end) of tensor `key`'s direction for `seed`: standard normal (`gaussian`) or ±1 with
+    probability 1/2 each (`rademacher`: E[z zᵀ] = I as for Gaussians, so SPSA stays unbiased; no log/sin/cos and
+    one Philox call per 128 values instead of per 4 -- the cheap choice for dense directions on CPUs)."""
+    fn, per = KINDS[kind]
     device = torch.device(device if device is not None else "cpu")
     if end <= start:
         return torch.empty(0, dtype=dtype, device=device)
     philox_key = mix(seed, key)
+    # Counters per block: the bound on CPU blocks keeps Box–Muller's float kernels inside one ATen grain; the
+    # integer-only signs have no such concern and take as many counters (128 values each).
     block = CPU_BLOCK if device.type == "cpu" else DEVICE_BLOCK
-    first = start // 4 // ALIGN * ALIGN                        # aligned counters that hold [start, end)
-    last = -(-((end - 1) // 4 + 1) // ALIGN) * ALIGN
+    first = start // per // ALIGN * ALIGN                        # aligned counters that hold [start, end)
+    last = -(-((end - 1) // per + 1) // ALIGN) * ALIGN
     out = torch.empty(end - start, dtype=dtype, device=device)
     for c0 in range(first, last, block):
         c1 = min(last, c0 + block)
-        values = _normals(torch.arange(c0, c1, dtype=torch.int64, device=device), philox_key)
-        lo, hi = max(start, 4 * c0), min(end, 4 * c1)
-        out[lo - start:hi - start] = values[lo - 4 * c0:hi - 4 * c0]
+        values = fn(torch.arange(c0, c1, dtype=torch.int64, device=device), philox_key)
+        lo, hi = max(start, per * c0), min(end, per * c1)
+        out[lo - start:hi - start] = values[lo - per * c0:hi - per * c0]
     return out
+
+
+def gaussian(seed: int, key: int, start: int, end: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Standard normal values of flat elements [start, end) of tensor `key` for `seed`, drawn on `device`."""
+    return direction("gaussian", seed, key, start, end, dtype, device)

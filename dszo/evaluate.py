@@ -48,14 +48,22 @@ def evaluate(runtime, split, batch_size: int, gen=None) -> dict:
         totals[2] += float(valid.sum())
     a, b, n = runtime.all_reduce_sum(totals).tolist()
     n = max(n, 1.0)
-    res = {"exact_match": a / n, "f1": b / n} if gen is not None else {"accuracy": a / n, "loss": b / n}
+    res = ({"exact_match": a / n, "f1": b / n} if gen is not None
+           else {"accuracy": a / n, "loss": b / n, "majority_rate": majority_rate(split.labels)})
     return {**res, "num_examples": int(n), "eval_s": time.perf_counter() - t0}
+
+
+def majority_rate(labels: list[int]) -> float:
+    """The accuracy of always answering the split's most frequent label: what a model that learnt only the
+    label prior scores. Every accuracy is reported beside it."""
+    return max(labels.count(c) for c in set(labels)) / len(labels) if labels else 0.0
 
 
 def headline(res: dict) -> str:
     if "f1" in res:
         return f"F1 {res['f1']:.4f}, EM {res['exact_match']:.4f}"
-    return f"accuracy {res['accuracy']:.4f}"
+    majority = f" (majority class {res['majority_rate']:.4f})" if "majority_rate" in res else ""
+    return f"accuracy {res['accuracy']:.4f}{majority}"
 
 
 def evaluate_only(cfg, run_dir: Optional[Path], split_name: str) -> dict:

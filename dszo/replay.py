@@ -77,7 +77,7 @@ def replay(run_dir: Path, cfg, steps_limit: int = 0) -> Path:
                           "(AGZO's subspace comes from each step's activations; first_order logs no seeds)")
     header, steps = read_log(run_dir / LOG)
     method = build_run(cfg, int(header["run_seed"])).method
-    n_dir = cfg.method.num_directions
+    n_dir = cfg.method.num_directions * cfg.direction_groups   # direction d·G + k of the step is g[d·G + k]
     for rec in steps[:steps_limit or None]:
         t = rec["step"] - 1
         if rec["skipped"]:

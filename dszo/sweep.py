@@ -177,10 +177,13 @@ def summarize(spec: SweepSpec, points: Optional[list[Point]] = None) -> list[dic
             results = json.loads((p.out / "results.json").read_text())
             cfg = load_config(str(p.out / "config.yaml"))
             per_step = example_forwards_per_step(cfg, results.get("world_size", 1))
-            evals = [m for m in _read_jsonl(p.out / "metrics.jsonl") if m.get("event") == "eval"]
+            metrics = _read_jsonl(p.out / "metrics.jsonl")
+            evals = [m for m in metrics if m.get("event") == "eval"]
             row.update({k: v for k, v in results.items() if k != "event"},
                        example_forwards=per_step * results["steps"],
                        dev_curve=[[m["step"] * per_step, m.get("eval_accuracy")] for m in evals],
+                       test_curve=[[m["step"] * per_step, m.get("test_accuracy")] for m in metrics
+                                   if m.get("event") == "test"],
                        dev_accuracy_best=max((m.get("eval_accuracy") or 0 for m in evals), default=None))
         rows.append(row)
     write_summary(spec, rows)

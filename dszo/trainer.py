@@ -5,6 +5,7 @@ dszo/outputs.py's; checkpoints go through the parts' state_dict / load_state_dic
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,21 @@ class TrainingStopped(RuntimeError):
     def __init__(self, msg: str, code: int) -> None:
         super().__init__(msg)
         self.code = code
+
+
+def direction_layout(cfg: TrainConfig, global_batch: int) -> tuple[list[int], int, int]:
+    """This rank's direction slots, its position among the ranks sharing them and their number (comm.direction_slots),
+    with the global batch checked to split into whole per-rank micro-batches."""
+    groups, accum = cfg.direction_groups, cfg.gradient_accumulation_steps
+    try:
+        slots, position, sharing = comm.direction_slots(groups)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if global_batch % (groups * sharing * accum):
+        raise ConfigError(f"direction_groups = {groups}: the global batch of {global_batch} examples must split into "
+                          f"{groups} parts, each over {sharing} rank(s) in {accum} micro-batch(es); set "
+                          "per_device_train_batch_size so that it does")
+    return slots, position, sharing
 
 
 def resume_point(cfg: TrainConfig) -> Optional[tuple[Path, dict]]:
@@ -64,6 +80,7 @@ class Trainer:
         self.method, self.runtime, self.data = self.run.method, self.run.runtime, self.run.data
         global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * comm.world_size()
         self.sampler = StepSampler(len(self.run.train_split), global_batch, self.run_seed)
+        self.slots, self.position, self.sharing = direction_layout(cfg, global_batch)
         self.start_step = self.completed_steps = 0
         tic = time.perf_counter()
         if resume:
@@ -74,6 +91,7 @@ class Trainer:
                                 enabled=self.main and cfg.replay_log and self.method.capabilities.zeroth_order)
         comm.STOP.install_handlers()
         self.dev = self.data.eval_split("dev")
+        self.test = self.data.eval_split("test") if cfg.do_predict or cfg.test_eval_steps else None
         self.step_times: list[float] = []
         self.bad_in_a_row = self.skipped = 0
         self._log_setup()
@@ -82,6 +100,8 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         before = self.evaluate(0) if cfg.eval_before_training and self.start_step == 0 else None
+        if cfg.test_eval_steps and cfg.eval_before_training and self.start_step == 0:
+            self.evaluate(0, self.test, "test")
         if self.main and before:
             tqdm.write(f"[dszo] dev {headline(before)} before training (n={before['num_examples']})")
         bar = tqdm(total=cfg.max_steps, initial=self.start_step, disable=not self.main or cfg.disable_tqdm,
@@ -94,6 +114,8 @@ class Trainer:
             self.stop_if_diverged(t + 1, record)
             if cfg.eval_steps and (t + 1) % cfg.eval_steps == 0 and t + 1 != cfg.max_steps:
                 self.evaluate(t + 1)
+            if cfg.test_eval_steps and (t + 1) % cfg.test_eval_steps == 0 and t + 1 != cfg.max_steps:
+                self.evaluate(t + 1, self.test, "test")
             self.stop_if_requested(t + 1)
             if cfg.save_steps and (t + 1) % cfg.save_steps == 0:
                 self.save(t + 1)
@@ -105,9 +127,9 @@ class Trainer:
         """One step of the method over this rank's micro-batches; (its record, the batches, the comm counter)."""
         cfg, tic = self.cfg, time.perf_counter()
         comm_before = comm.COUNTER.snapshot() if comm.COUNTER else None
-        indices = self.sampler.rank_micro_batches(t, comm.rank(), comm.world_size(), cfg.per_device_train_batch_size,
-                                                  cfg.gradient_accumulation_steps)
-        batches = [self.run.train_split.batch(idx) for idx in indices]
+        groups, accum = cfg.direction_groups, cfg.gradient_accumulation_steps
+        batches = [replace(self.run.train_split.batch(idx), slot=k) for k in self.slots
+                   for idx in self.sampler.slot_micro_batches(t, groups, k, self.position, self.sharing, accum)]
         lr = lr_at(t, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps, cfg.max_steps)
         record = self.method.step(t, batches, lr, self.runtime)
         self.step_times.append(time.perf_counter() - tic)
@@ -186,7 +208,7 @@ class Trainer:
         """Final evaluation(s), the trained tensors, the summary line and results.json."""
         cfg = self.cfg
         after = self.evaluate(cfg.max_steps)
-        test = self.evaluate(cfg.max_steps, self.data.eval_split("test"), "test") if cfg.do_predict else None
+        test = self.evaluate(cfg.max_steps, self.test, "test") if cfg.do_predict or cfg.test_eval_steps else None
         save_trained(self.method, self.out, cfg, cfg.max_steps)
         steady = self.step_times[1:] or self.step_times
         summary = {"event": "end", **{f"dev_{k}_before": v for k, v in (before or {}).items() if k != "eval_s"},

@@ -179,7 +179,9 @@ def launch(cfg: dict, n_ranks: int, launcher: str = "deepspeed", extra: list[str
         if proc.returncode == 0 or "Address already in use" not in proc.stderr:
             break
     # Nothing a run set up may outlive it in /dev/shm (DeepSpeed's CPU all-reduce buffers did: 67 MB per rank).
-    leaked = [f for p in ports for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{p}_*")]
+    # dszo's own gather segments (dszo/shm.py) are unlinked once mapped, even when a rank fails.
+    leaked = [f for p in ports for pattern in (f"deepspeed_allreduce_buffer_*_{p}_*", f"dszo_ag_*_{p}_*")
+              for f in glob.glob(f"/dev/shm/{pattern}")]
     assert not leaked, f"run left shared-memory segments behind: {leaked}"
     if check and proc.returncode != 0:
         raise AssertionError(f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

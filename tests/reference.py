@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dszo.config import DataConfig
 from dszo.data import PromptEncoder, StepSampler
 from dszo.tasks import get_task, load_splits
-from dszo.directions import gaussian, step_seed, tensor_key
+from dszo.directions import direction_seed, gaussian, step_seed, tensor_key
 
 
 class _Reference:
@@ -143,6 +143,28 @@ class ReferenceMeZO(_Reference):
             p.grad = res["proj_grad"] * z[n]
         self.opt.step()
         return res
+
+
+class ReferenceMeZOGroups(ReferenceMeZO):
+    """Direction parallelism's math, sequentially: direction k of the step (seed direction_seed(step seed, k)) is
+    measured on part k of the global batch; SGD on the mean of the G g_k·Z_k."""
+
+    def step_groups(self, t: int, global_batch: int, groups: int) -> list[dict]:
+        idx = StepSampler(len(self.tokens), global_batch, self.seed).global_indices(t)
+        part, s = len(idx) // groups, step_seed(self.seed, t)
+        grads = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        results = []
+        for k in range(groups):
+            z = {n: gaussian(direction_seed(s, k), tensor_key(n), 0, p.numel()).view_as(p)
+                 for n, p in self.params.items()}
+            res = self.two_point(idx[k * part:(k + 1) * part], self.params, z)
+            for n in self.params:
+                grads[n] += res["proj_grad"] / groups * z[n]
+            results.append(res)
+        for n, p in self.params.items():
+            p.grad = grads[n]
+        self.opt.step()
+        return results
 
 
 def vectors(model) -> dict[str, torch.Tensor]:

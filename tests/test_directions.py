@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dszo.directions import CPU_BLOCK, direction_seed, gaussian, philox4x32, step_seed, tensor_key
+from dszo.directions import CPU_BLOCK, direction, direction_seed, gaussian, mix, philox4x32, step_seed, tensor_key
 from tolerances import LAMBDA
 
 CHUNK = 4 * CPU_BLOCK  # normals per block of counters: slices across block boundaries below
@@ -82,3 +82,28 @@ def test_drawn_on_the_device_equal_the_cpu_values_to_the_last_bits():
     assert cuda.device.type == "cuda"
     # the Philox words are exact integers on both; fp32 log/sqrt/cos/sin of the two libraries differ by a few ulp
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=8 * 2.0 ** -24, atol=8 * 2.0 ** -24 * 6)
+
+
+def test_rademacher_values_are_the_philox_bits_low_bit_first():
+    """Element i of a Rademacher direction is bit i mod 32 of word (i mod 128) // 32 of Philox(counter i // 128):
+    bit 1 -> -1, bit 0 -> +1, checked against the generator itself (whose known answers are tested above)."""
+    seed, key = 11, 5
+    z = direction("rademacher", seed, key, 0, 3 * 128)
+    words = philox4x32([torch.arange(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64),
+                        torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)], mix(seed, key))
+    for i in (0, 1, 31, 32, 77, 127, 128, 200, 383):
+        bit = (int(words[(i % 128) // 32][i // 128]) >> (i % 32)) & 1
+        assert z[i] == (-1.0 if bit else 1.0), i
+
+
+SIGN_BLOCK = 128 * CPU_BLOCK  # values per block of counters
+
+
+@pytest.mark.parametrize("start,end", [(0, 1), (5, 300), (127, 129), (1000, 70001),
+                                       (SIGN_BLOCK - 3, SIGN_BLOCK + 3)])
+def test_rademacher_slices_equal_the_whole_and_are_plus_minus_one(start, end):
+    whole = direction("rademacher", 3, 9, 0, SIGN_BLOCK + 10)
+    assert torch.equal(direction("rademacher", 3, 9, start, end), whole[start:end])
+    assert set(whole.unique().tolist()) == {-1.0, 1.0}
+    n = whole.numel()   # mean 0, variance 1: the mean is within LAMBDA standard deviations (1/sqrt(n))
+    assert abs(float(whole.mean())) < LAMBDA / math.sqrt(n)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from dszo.directions import gaussian, mix, tensor_key
+from dszo.directions import direction, gaussian, mix, tensor_key
 from dszo.errors import ConfigError
 from dszo.methods.base import Capabilities, MethodConfig, ZOMethod, ZORuntime, plain_shape, require_sgd
 from dszo.methods.estimates import VectorEstimate, apply_low_rank_rows, partition_rows
@@ -88,10 +88,10 @@ class AGZO(ZOMethod):
         require_sgd(cfg, "R Aᵀ")
         if cfg.gradient_accumulation_steps != 1:
             raise ConfigError("method agzo computes its subspace from one batch: set gradient_accumulation_steps: 1")
-        self.perturbation, self.capture = Perturbation(), Capture()
+        self.perturbation, self.capture = Perturbation(cfg.method.directions), Capture()
         self.R: dict[str, torch.Tensor] = {}
         self.A: dict[str, torch.Tensor] = {}
-        self.subspace_step = -1
+        self.f0: dict[int, tuple] = {}   # id(batch) -> (Σ f0, n) of this step's micro-batches
 
     def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
         wrapped = wrap_linear_layers(model, self.cfg.method.target_modules, lambda name, linear: ActivationGuidedLinear(
@@ -104,7 +104,8 @@ class AGZO(ZOMethod):
         return {**{n: layer.base.weight for n, layer in self.layers.items()}, **self.vectors}
 
     def prepare(self, runtime: ZORuntime, calibration_batches: list | None) -> None:
-        self.vector_estimate = VectorEstimate({n: self.partitions[n] for n in self.vectors})
+        self.vector_estimate = VectorEstimate({n: self.partitions[n] for n in self.vectors},
+                                              kind=self.cfg.method.directions)
         self.step_dir: dict[str, torch.Tensor] = {}
 
     def _subspaces(self, t: int, runtime: ZORuntime) -> None:
@@ -123,27 +124,33 @@ class AGZO(ZOMethod):
                 offset += s.numel()
         self.A = q
 
-    def _unperturbed_loss(self, t: int, batch, runtime: ZORuntime) -> None:
-        """f0 and the step's subspaces, once per step (shared by its directions)."""
-        self.capture.active, self.capture.token_mask = True, batch.token_mask().reshape(-1)
-        try:
-            self.f0, _, self.n = runtime.loss_sums(batch, doubled=False)
-        finally:
-            self.capture.active = False
+    def begin_step(self, t: int, micro_batches: list, runtime: ZORuntime) -> None:
+        """f0 of each of this rank's micro-batches (one per direction slot) and the step's subspaces from all of
+        their activations, shared by the step's directions."""
+        self.f0, captured = {}, {}
+        for batch in micro_batches:
+            self.capture.active, self.capture.token_mask = True, batch.token_mask().reshape(-1)
+            try:
+                f0, _, n = runtime.loss_sums(batch, doubled=False)
+            finally:
+                self.capture.active = False
+            self.f0[id(batch)] = (f0, n)
+            for name, h in self.capture.inputs.items():
+                captured.setdefault(name, []).append(h)
+        self.capture.inputs = {name: hs[0] if len(hs) == 1 else torch.cat(hs) for name, hs in captured.items()}
         self._subspaces(t, runtime)
         self.capture.inputs.clear()
-        self.subspace_step = t
 
     def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
         r = self.cfg.method.rank
-        if self.subspace_step != t:
-            self._unperturbed_loss(t, batch, runtime)
-        self.R = {name: gaussian(dseed, part.key, 0, part.shape[0] * r, device=part.local.device).view(part.shape[0], r)
+        self.R = {name: direction(self.cfg.method.directions, dseed, part.key, 0, part.shape[0] * r,
+                                  device=part.local.device).view(part.shape[0], r)
                   for name, part in ((n, self.partitions[n]) for n in self.layers)}
         for name in self.layers:
             self.perturbation.directions[name] = (self.R[name], self.A[name])
         fp, _ = self.perturbation.measure_one_sided(runtime, batch, dseed, self.cfg.method.zo_eps)
-        return fp, self.f0, self.n
+        f0, n = self.f0[id(batch)]
+        return fp, f0, n
 
     def projected_gradient(self, a: float, b: float, n: float) -> float:
         """One-sided: (L(θ + μZ) - L(θ)) / μ."""

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Protocol
+from typing import Callable, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -60,6 +60,9 @@ class MethodConfig:
     name: str = "zo_act"
     zo_eps: float = 1e-2
     num_directions: int = 1
+    # Distribution of the perturbation directions: gaussian (the papers') or rademacher (±1: E[z zᵀ] = I too;
+    # ~30x cheaper to draw, which matters where a method draws a dense direction per weight on a CPU).
+    directions: Literal["gaussian", "rademacher"] = "gaussian"
     # Low-rank methods apply ±eps*Z inside the layers on a doubled batch: L+ and L- from one forward
     # (one ZeRO-3 gather of the frozen weights). false: two forwards.
     functional_perturbation: bool = True
@@ -274,29 +277,45 @@ class ZOMethod(Method):
     def discard(self) -> None:
         """Drop what accumulate() gathered this step (a skipped step)."""
 
+    def begin_step(self, t: int, micro_batches: list, runtime: ZORuntime) -> None:
+        """Before the step's directions (AGZO: the unperturbed losses and the step's subspace)."""
+
     def step(self, t: int, micro_batches: list, lr: float, runtime: ZORuntime) -> ZOStep:
-        seed, n_dir = step_seed(self.run_seed, t), self.cfg.method.num_directions
-        clock, losses, grads = Stopwatch(), [], []
-        for d in range(n_dir):
-            dseed = direction_seed(seed, d)
+        """Direction slot k (batch.slot; one slot unless direction_groups > 1) of sequential direction d is direction
+        d·G + k, measured on the slot's batches; one all-reduce per d carries all G slots' sums."""
+        seed, groups = step_seed(self.run_seed, t), self.cfg.direction_groups
+        total = self.cfg.method.num_directions * groups
+        clock, losses, grads, examples = Stopwatch(), [], [], 0
+        with clock("forward"):
+            self.begin_step(t, micro_batches, runtime)
+        for d in range(self.cfg.method.num_directions):
             with clock("forward"):
-                sums = None
-                for batch in micro_batches:
-                    measured = _as_sums(self.losses(t, dseed, batch, runtime))
-                    sums = measured if sums is None else sums + measured
+                sums = self._slot_sums(t, seed, d, micro_batches, runtime)
             with clock("all_reduce"):   # the step's only collective, and its one read of device values: a few scalars
-                a, b, n = runtime.reduce_step(sums).tolist()
-            g = self.projected_gradient(a, b, n)
-            if math.isfinite(g):                          # the same on every rank: g comes from all-reduced sums
-                with clock("update"):
-                    self.accumulate(t, dseed, g / n_dir)
-            losses.append((a / n, b / n))
-            grads.append(g)
+                reduced = runtime.reduce_step(sums.reshape(-1)).view(groups, 3).tolist()
+            for k, (a, b, n) in enumerate(reduced):
+                g = self.projected_gradient(a, b, n)
+                if math.isfinite(g):                      # the same on every rank: g comes from all-reduced sums
+                    with clock("update"):
+                        self.accumulate(t, direction_seed(seed, d * groups + k), g / total)
+                losses.append((a / n, b / n))
+                grads.append(g)
+                examples += int(n) if d == 0 else 0
         skipped = not all(math.isfinite(g) for g in grads)  # a NaN/inf loss: no update at all this step
         with clock("update"):
             self.discard() if skipped else self.update(t, lr)
-        return ZOStep(loss_plus=sum(x for x, _ in losses) / n_dir, loss_minus=sum(y for _, y in losses) / n_dir,
-                      proj_grads=grads, num_examples=int(n), lr=lr, timings=dict(clock.totals), skipped=skipped)
+        return ZOStep(loss_plus=sum(x for x, _ in losses) / total, loss_minus=sum(y for _, y in losses) / total,
+                      proj_grads=grads, num_examples=examples, lr=lr, timings=dict(clock.totals), skipped=skipped)
+
+    def _slot_sums(self, t: int, seed: int, d: int, micro_batches: list, runtime: ZORuntime) -> torch.Tensor:
+        """[G, 3] sums of sequential direction d: this rank's slots filled, the others zero."""
+        groups, sums = self.cfg.direction_groups, {}
+        for batch in micro_batches:
+            k = getattr(batch, "slot", 0)   # micro-batches that are not dszo Batches (tools, tests): one slot
+            measured = _as_sums(self.losses(t, direction_seed(seed, d * groups + k), batch, runtime))
+            sums[k] = measured if k not in sums else sums[k] + measured
+        like = next(iter(sums.values()))
+        return torch.stack([sums[k] if k in sums else torch.zeros_like(like) for k in range(groups)])
 
 
 def _as_sums(measured: tuple) -> torch.Tensor:

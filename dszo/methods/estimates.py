@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from dszo.directions import gaussian
+from dszo.directions import direction
 from dszo.methods.base import Partition
 from dszo.optim import PartitionOptimizer
 
 
-def dense_direction(dseed: int, part: Partition, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+def dense_direction(dseed: int, part: Partition, lo: int = 0, hi: int | None = None, kind: str = "gaussian"
+                    ) -> torch.Tensor:
     """Elements [lo, hi) of this rank's partition (default: all of it) of the dense Gaussian direction `dseed`."""
     hi = part.local.numel() if hi is None else hi
-    return gaussian(dseed, part.key, part.start + lo, part.start + hi, dtype=part.local.dtype, device=part.local.device)
+    return direction(kind, dseed, part.key, part.start + lo, part.start + hi, dtype=part.local.dtype,
+                     device=part.local.device)
 
 
 class DenseEstimate:
@@ -28,7 +30,7 @@ class DenseEstimate:
     SLICE = 1 << 20   # elements regenerated and updated at a time
 
     def __init__(self, partitions: dict[str, Partition], cfg, no_decay: frozenset = frozenset()) -> None:
-        self.partitions = partitions
+        self.partitions, self.kind = partitions, cfg.method.directions
         self.optimizer = PartitionOptimizer(cfg.optim, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
                                             cfg.momentum, cfg.weight_decay, no_decay=no_decay)
         self.pending: list[tuple[int, float]] = []   # this step's directions and their coefficients
@@ -44,7 +46,7 @@ class DenseEstimate:
                 hi = min(n, lo + self.SLICE)
                 grad = torch.zeros(hi - lo, dtype=part.local.dtype, device=part.local.device)
                 for dseed, coeff in self.pending:   # only the slice of Z this rank owns, a piece at a time
-                    grad.add_(dense_direction(dseed, part, lo, hi), alpha=coeff)
+                    grad.add_(dense_direction(dseed, part, lo, hi, self.kind), alpha=coeff)
                 self.optimizer.update(name, part.local[lo:hi], grad, lr, slice(lo, hi), n)
         self.discard()
 
@@ -83,14 +85,14 @@ class VectorEstimate:
     """ĝ = Σ_d g_d z_d on this rank's partitions of the 1-D tensors, and its SGD update -- with LOZO-M's
     momentum (N ← β N + (1-β) ĝ; θ ← θ - η N) when beta > 0, the same rule as in the small space."""
 
-    def __init__(self, partitions: dict[str, Partition], beta: float = 0.0) -> None:
-        self.partitions, self.beta = partitions, beta
+    def __init__(self, partitions: dict[str, Partition], beta: float = 0.0, kind: str = "gaussian") -> None:
+        self.partitions, self.beta, self.kind = partitions, beta, kind
         self.estimate = {n: torch.zeros_like(p.local) for n, p in partitions.items()}
         self.buf: dict[str, torch.Tensor] = {}
 
     def accumulate(self, dseed: int, coeff: float) -> None:
         for name, part in self.partitions.items():
-            self.estimate[name].add_(dense_direction(dseed, part), alpha=coeff)
+            self.estimate[name].add_(dense_direction(dseed, part, kind=self.kind), alpha=coeff)
 
     def apply(self, lr: float) -> None:
         for name, part in self.partitions.items():

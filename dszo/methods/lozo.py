@@ -19,7 +19,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from dszo.directions import gaussian, mix, tensor_key
+from dszo.directions import direction, mix, tensor_key
 from dszo.errors import ConfigError
 from dszo.methods.base import Capabilities, MethodConfig, Partition, ZOMethod, ZORuntime, plain_shape, require_sgd
 from dszo.methods.estimates import VectorEstimate, apply_low_rank_rows, partition_rows
@@ -91,7 +91,7 @@ class LOZO(ZOMethod):
         require_sgd(cfg, "U Vᵀ (LOZO-M: with its own momentum, method.momentum)")
 
     def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
-        self.perturbation = Perturbation()
+        self.perturbation = Perturbation(self.cfg.method.directions)
         wrapped = wrap_linear_layers(model, self.cfg.method.target_modules,
                                      lambda name, linear: LowRankPerturbedLinear(linear, name, self.perturbation))
         self.layers: dict[str, LowRankPerturbedLinear] = {f"{n}.base.weight": w for n, w in wrapped.items()}
@@ -107,7 +107,8 @@ class LOZO(ZOMethod):
         self.rows = {n: partition_rows(p) for n, p in self.matrices.items()}  # rows of W (and U, N) this rank touches
         self.u_sum: dict[str, torch.Tensor] = {}
         self.momentum_buf: dict[str, Optional[torch.Tensor]] = {n: None for n in self.matrices}
-        self.vector_estimate = VectorEstimate({n: self.partitions[n] for n in self.vectors}, self.cfg.method.momentum)
+        self.vector_estimate = VectorEstimate({n: self.partitions[n] for n in self.vectors}, self.cfg.method.momentum,
+                                              self.cfg.method.directions)
 
     # -- directions -----------------------------------------------------------------------------------
     def _v(self, t: int, name: str) -> torch.Tensor:
@@ -115,12 +116,13 @@ class LOZO(ZOMethod):
         r = self.cfg.method.rank
         seed = v_seed(self.run_seed, t, self.cfg.method.lazy_interval)
         part = self.partitions[name]
-        return gaussian(seed, part.key, 0, n * r, device=part.local.device).view(n, r)
+        return direction(self.cfg.method.directions, seed, part.key, 0, n * r, device=part.local.device).view(n, r)
 
     def _u_rows(self, dseed: int, name: str, r0: int, r1: int) -> torch.Tensor:
         r = self.cfg.method.rank
         part = self.partitions[name]
-        return gaussian(dseed, part.key, r0 * r, r1 * r, device=part.local.device).view(r1 - r0, r)
+        return direction(self.cfg.method.directions, dseed, part.key, r0 * r, r1 * r,
+                         device=part.local.device).view(r1 - r0, r)
 
     # -- the step -------------------------------------------------------------------------------------
     def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:

@@ -1,8 +1,8 @@
-"""MeZO: dense Gaussian directions over the trainable tensors themselves (full fine-tuning).
+"""MeZO: dense directions (Gaussian, or Rademacher: method.directions) over the trainable tensors themselves.
 
 Nothing is written into the weights while measuring, and no copy of them is kept: around each module's forward,
 after ZeRO-3 has gathered its weights, a pre-hook points each trained parameter at θ + (±ε)Z -- a temporary the
-size of that module's weights, Z regenerated from the seed -- and a post-hook, which runs before ZeRO-3 releases
+size of that module's weights, Z regenerated from the seed a slice at a time -- and a post-hook, which runs before ZeRO-3 releases
 the gather, points it back at θ. So θ is never modified and needs no exact restore (θ+εz-2εz+εz is not θ in
 floating point), the owned partition is written only by the update, and a gathered weight that ZeRO-3 keeps for
 reuse (a tied embedding, a prefetch) is the unperturbed one. Two forwards per direction: a dense perturbation
@@ -19,7 +19,7 @@ from torch import nn
 
 from dszo.errors import ConfigError
 from dszo.methods.base import Capabilities, MethodConfig, ZOMethod, ZORuntime, plain_shape, refuse_quantized
-from dszo.directions import gaussian, tensor_key
+from dszo.directions import direction, tensor_key
 from dszo.methods.estimates import DenseEstimate, DenseEstimateState
 from dszo.methods.perturbation import Perturbation
 from dszo.methods.registry import register
@@ -67,7 +67,7 @@ class MeZO(DenseEstimateState, ZOMethod):
     def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
         self.model = model
         self.params = select_parameters(model, self.cfg.method.trainable, self.name, self.cfg.model.quantization)
-        self.perturbation = Perturbation()
+        self.perturbation = Perturbation(self.cfg.method.directions)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return self.params
@@ -103,8 +103,18 @@ class MeZO(DenseEstimateState, ZOMethod):
                                    f"when {type(module).__name__} runs: it is not gathered, so it cannot be perturbed")
             saved[attr] = theta
             self.reached.add(name)
-            z = gaussian(p.seed, tensor_key(name), 0, theta.numel(), dtype=theta.dtype, device=theta.device)
-            param.data = torch.add(theta, z.view_as(theta), alpha=p.sign * p.eps)
+            param.data = self._shifted(theta, tensor_key(name))
+
+    def _shifted(self, theta: torch.Tensor, key: int) -> torch.Tensor:
+        """θ ± εZ as a new tensor, Z drawn a slice at a time: the only full-size temporary is the result."""
+        p, n = self.perturbation, theta.numel()
+        out = torch.empty_like(theta)
+        flat_in, flat_out = theta.reshape(-1), out.view(-1)
+        for lo in range(0, n, DenseEstimate.SLICE):
+            hi = min(n, lo + DenseEstimate.SLICE)
+            z = direction(p.kind, p.seed, key, lo, hi, dtype=theta.dtype, device=theta.device)
+            torch.add(flat_in[lo:hi], z, alpha=p.sign * p.eps, out=flat_out[lo:hi])
+        return out
 
     @staticmethod
     def _restored(saved: dict, module: nn.Module, args=None, output=None) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from dszo.directions import gaussian
+from dszo.directions import direction
 
 DOUBLED = None   # sign of a doubled-batch forward: +ε on the first half of the rows, -ε on the second
 
@@ -20,7 +20,8 @@ DOUBLED = None   # sign of a doubled-batch forward: +ε on the first half of the
 class Perturbation:
     """What the wrapped layers add in the current forward; inactive outside `measure`."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "gaussian") -> None:
+        self.kind = kind                      # the directions' distribution (MethodConfig.directions)
         self.active = False
         self.seed = 0
         self.eps = 0.0
@@ -39,9 +40,9 @@ class Perturbation:
         self.directions.clear()
 
     def dense(self, key: int, numel: int, device) -> torch.Tensor:
-        """The whole dense Gaussian direction of one tensor (1-D; a forward needs all of it), drawn once."""
+        """The whole dense direction of one tensor (1-D; a forward needs all of it), drawn once."""
         if key not in self._dense:
-            self._dense[key] = gaussian(self.seed, key, 0, numel, device=device)
+            self._dense[key] = direction(self.kind, self.seed, key, 0, numel, device=device)
         return self._dense[key]
 
     def row_signs(self, rows: int) -> list[tuple[slice, float]]:

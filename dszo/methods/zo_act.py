@@ -100,7 +100,7 @@ class ZOAct(DenseEstimateState, ZOMethod):
     name = "zo_act"
 
     def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
-        self.perturbation, self.calibration = Perturbation(), Calibration()
+        self.perturbation, self.calibration = Perturbation(self.cfg.method.directions), Calibration()
         self.adapters: dict[str, ZOActLinear] = wrap_linear_layers(
             model, self.cfg.method.target_modules, lambda name, linear: ZOActLinear(
                 linear, self.cfg.method.rank, self.perturbation, self.calibration, tensor_key(f"{name}.zo_B")))

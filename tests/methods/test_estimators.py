@@ -125,7 +125,7 @@ def test_agzo_subspace_contains_the_dominant_directions_of_the_activations():
     m = _method("agzo", model, rank=3, power_iters=3, zo_eps=1e-3)
     rt = SquaredLossRuntime(model)
     m.setup(rt, [])
-    m.losses(0, direction_seed(step_seed(3, 0), 0), Rows(x, target), rt)   # f0 captures H, computes A
+    m.begin_step(0, [Rows(x, target)], rt)   # f0 captures H, computes A
     a = m.A["0.base.weight"]
     # QR in fp64, cast to fp32 (u per element), then AᵀA in fp32: a 12-term reduction of unit-bounded terms
     torch.testing.assert_close(a.T @ a, torch.eye(3), atol=reduction_rel(12) + 2 * U, rtol=0)
