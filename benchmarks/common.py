@@ -45,3 +45,17 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def staged_main(name: str, plan, report) -> None:
+    """`plan` / `report` stages of a two-stage benchmark (plan writes sweep specs; report reads their summaries
+    into benchmarks/results/<name>.json and .png)."""
+    import argparse
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stage", choices=["plan", "report"])
+    ap.add_argument("--out", default=f"benchmarks/results/{name}.json")
+    ap.add_argument("--plot", default=f"benchmarks/results/{name}.png")
+    a = ap.parse_args()
+    plan() if a.stage == "plan" else report(Path(a.out), Path(a.plot))

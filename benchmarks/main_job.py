@@ -40,6 +40,19 @@ def zero_shot_accuracy(cfg) -> dict:
     return {"zero_shot_dev_accuracy": correct / len(dev), "num_examples": len(dev), "seconds": time.perf_counter() - tic}
 
 
+def calibrated_zero_shot(config: str) -> dict:
+    """The same prompt's zero-shot dev accuracy under calibrated scoring (each answer's log-likelihood minus its
+    log-likelihood after a content-free prompt): `dszo evaluate` of the base model, one process."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "dszo", "evaluate", "--config", config, "--split", "dev",
+                        "--data.scoring", "calibrated", "--output_dir", tmp], check=True, capture_output=True)
+        res = json.loads((Path(tmp) / "eval_base_dev.json").read_text())
+    return {"calibrated_zero_shot_dev_accuracy": res["accuracy"]}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/rotten_tomatoes_zo_act.yaml")
@@ -62,7 +75,8 @@ def main():
         "dev_accuracy_before": results["dev_accuracy_before"], "dev_accuracy_after": results["dev_accuracy_after"],
         "evals": evals, "train_loss_first_last": [steps[0]["loss"], steps[-1]["loss"]] if steps else None,
         "setup": next(m for m in metrics if m.get("event") == "setup"),
-        **zero_shot_accuracy(cfg),
+        "dev_majority_rate": results.get("dev_majority_rate_after"),
+        **zero_shot_accuracy(cfg), **calibrated_zero_shot(a.config),
     }
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k not in ("environment", "setup")}, indent=2))

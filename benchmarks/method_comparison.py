@@ -13,7 +13,6 @@ passes: ZO methods 2 per example and direction, the first-order reference 3 (a b
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -137,14 +136,7 @@ def _plot(methods: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["plan", "report"])
-    ap.add_argument("--out", default="benchmarks/results/method_comparison.json")
-    ap.add_argument("--plot", default="benchmarks/results/method_comparison.png")
-    a = ap.parse_args()
-    plan() if a.stage == "plan" else report(Path(a.out), Path(a.plot))
-
-
 if __name__ == "__main__":
-    main()
+    from benchmarks.common import staged_main
+
+    staged_main("method_comparison", plan, report)

@@ -36,7 +36,8 @@ class SweepSpec:
     points: list = dataclasses.field(default_factory=list)    # explicit override sets (after the grid's)
     seeds: list = dataclasses.field(default_factory=lambda: [42])
     overrides: dict = dataclasses.field(default_factory=dict)  # applied to every point
-    launcher: str = "python"                      # python: one process (all cores); or e.g. "deepspeed --num_gpus 2"
+    launcher: str = "python"                      # python: one process (all cores); or a launcher that runs the
+    #                                               training script: "deepspeed --num_gpus 2", "bash launch/sim_cluster.sh 2 1"
     metric: str = "dev_accuracy_after"            # the summary column points are ranked by (higher is better)
 
 
@@ -130,7 +131,8 @@ def command(spec: SweepSpec, point: Point) -> list[str]:
     args = _args(overrides)
     if spec.launcher == "python":
         return [sys.executable, "-m", "dszo", "train", "--config", spec.config, *args]
-    return [*shlex.split(spec.launcher), "--module", "dszo", "train", "--config", spec.config, *args]
+    # deepspeed / torchrun / launch/sim_cluster.sh N R: each runs the training script as a cluster would
+    return [*shlex.split(spec.launcher), "dszo/train.py", "--config", spec.config, *args]
 
 
 def run_point(spec: SweepSpec, point: Point) -> bool:
