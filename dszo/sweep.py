@@ -106,6 +106,11 @@ def expand(spec: SweepSpec) -> list[Point]:
 
 
 EXIT_DIVERGED = 3  # dszo train's exit code when the losses stopped being finite: a result, not a failure
+EXIT_STOPPED = 143  # dszo train stopped by SIGTERM/SIGINT after saving a checkpoint: the sweep stops too
+
+
+class SweepStopped(RuntimeError):
+    """A point was stopped by a signal (a Slurm time limit, Ctrl-C): the sweep ends; rerunning it resumes."""
 
 
 def state(point: Point) -> str:
@@ -124,7 +129,7 @@ def command(spec: SweepSpec, point: Point) -> list[str]:
     """The training command of a point: resumes from its latest checkpoint where it has one."""
     overrides = {**spec.overrides, **point.overrides, "output_dir": str(point.out)}
     resumable = _config(spec.config, overrides).method.capabilities().resumable
-    if state(point) == "interrupted" and resumable and (point.out / "latest").exists():
+    if state(point) in ("interrupted", "failed") and resumable and (point.out / "latest").exists():
         overrides["resume_from_checkpoint"] = "latest"
     else:
         overrides["overwrite_output_dir"] = True
@@ -142,7 +147,15 @@ def run_point(spec: SweepSpec, point: Point) -> bool:
     print(f"[sweep] point {point.index}: {point.name}", flush=True)
     tic = time.perf_counter()
     with open(point.out / "sweep.log", "a") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:   # Ctrl-C reached the run too: it saves a checkpoint and exits; wait for that
+            proc.wait()
+            raise
+    if code == EXIT_STOPPED:
+        raise SweepStopped(f"point {point.index} was stopped by a signal after saving a checkpoint; run the sweep "
+                           "again to resume it")
     if code != 0:
         tail = (point.out / "sweep.log").read_text(errors="replace").splitlines()[-15:]
         outcome = "diverged" if code == EXIT_DIVERGED else "failed"
@@ -203,9 +216,14 @@ def main(spec_path: str, point: Optional[int], list_only: bool, summary_only: bo
     if not summary_only:
         if point is not None and not 0 <= point < len(points):
             raise ConfigError(f"--point {point}: the sweep has points 0..{len(points) - 1}")
-        for p in ([points[point]] if point is not None else points):
-            if state(p) not in ("done", "diverged"):
-                failed += not run_point(spec, p)
+        try:
+            for p in ([points[point]] if point is not None else points):
+                if state(p) not in ("done", "diverged"):
+                    failed += not run_point(spec, p)
+        except (SweepStopped, KeyboardInterrupt) as e:
+            print(f"[sweep] stopped: {e or 'interrupted'}", flush=True)
+            summarize(spec, points)
+            return 143
     summarize(spec, points)
     print(f"[sweep] summary in {Path(spec.output_dir) / 'summary.csv'}")
     return 1 if failed else 0

@@ -85,3 +85,18 @@ def test_a_failing_point_is_recorded_and_the_sweep_exits_non_zero(tmp_path, tiny
     listing = subprocess.run([sys.executable, "-m", "dszo", "sweep", path, "--list"], capture_output=True,
                              text=True, cwd=REPO, env=rank_env(), timeout=120)
     assert "failed" in listing.stdout
+
+
+def test_a_point_stopped_by_a_signal_stops_the_sweep_and_resumes_later(tmp_path, tiny_model, tiny_data):
+    """A run that exits 143 (a signal, after saving a checkpoint) is neither failed nor done: the sweep stops with
+    143, and the next invocation resumes the point from its checkpoint. The launcher here stands in for a run
+    that was stopped (it exits 143 at once)."""
+    path = _spec(tmp_path, tiny_model, tiny_data, grid={"learning_rate": [1e-3]}, launcher="bash -c 'exit 143' sh")
+    assert sweep.main(path, None, False, False) == 143
+    spec = sweep.load_spec(path)
+    p = sweep.expand(spec)[0]
+    assert not (p.out / "failed.json").exists()
+    (p.out / "config.yaml").write_text("{}")   # what the stopped run had written, and its checkpoint pointer
+    (p.out / "latest").write_text("checkpoint-1")
+    cmd = sweep.command(spec, p)
+    assert cmd[cmd.index("--resume_from_checkpoint") + 1] == "latest"
