@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 
 import torch
@@ -113,6 +114,22 @@ def _signs(counter: torch.Tensor, key: int) -> torch.Tensor:
     return bits.reshape(-1).to(torch.float32).mul_(-2).add_(1)
 
 
+_FUSED: list = []
+
+
+def _fused_kernels():
+    """dszo.directions_triton where Triton imports (CUDA machines) and DSZO_TRITON is not 0; else None."""
+    if not _FUSED:
+        module = None
+        if os.environ.get("DSZO_TRITON", "1") != "0":
+            try:
+                from dszo import directions_triton as module
+            except ImportError:
+                module = None
+        _FUSED.append(module)
+    return _FUSED[0]
+
+
 KINDS = {"gaussian": (_normals, 4), "rademacher": (_signs, 128)}   # values per counter
 
 
@@ -120,11 +137,20 @@ def direction(kind: str, seed: int, key: int, start: int, end: int, dtype=torch.
     """Elements [start, end) of tensor `key`'s direction for `seed`: standard normal (`gaussian`) or ±1 with
     probability 1/2 each (`rademacher`: E[z zᵀ] = I as for Gaussians, so SPSA stays unbiased; no log/sin/cos and
     one Philox call per 128 values instead of per 4 -- the cheap choice for dense directions on CPUs)."""
-    fn, per = KINDS[kind]
     device = torch.device(device if device is not None else "cpu")
     if end <= start:
         return torch.empty(0, dtype=dtype, device=device)
     philox_key = mix(seed, key)
+    fused = _fused_kernels() if device.type == "cuda" else None
+    if fused is not None:   # one Triton kernel: Philox and the transform in registers (dszo/directions_triton.py)
+        return fused.draw(kind, philox_key, start, end, device).to(dtype)
+    return torch_ops_direction(kind, philox_key, start, end, dtype, device)
+
+
+def torch_ops_direction(kind: str, philox_key: int, start: int, end: int, dtype, device) -> torch.Tensor:
+    """The direction from torch operations, on any device (the reference the fused kernels are tested against)."""
+    fn, per = KINDS[kind]
+    device = torch.device(device)
     # Counters per block: the bound on CPU blocks keeps Box–Muller's float kernels inside one ATen grain; the
     # integer-only signs have no such concern and take as many counters (128 values each).
     block = CPU_BLOCK if device.type == "cpu" else DEVICE_BLOCK

@@ -58,7 +58,7 @@ print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "trans
                   "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))
 PY
 if [ "$PART" != large ]; then
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_directions.py > "$OUT/test_directions.log" 2>&1
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_directions.py tests/test_directions_triton.py > "$OUT/test_directions.log" 2>&1
   echo "[gpu] test_directions rc=$?"
   numel=100000000; [ "$SMOKE" = 1 ] && numel=100000
   timeout -k 10 120 "$PY" benchmarks/directions.py --numel $numel --cpu_numel 1000000 --out "$OUT/directions.json" \
