@@ -203,6 +203,7 @@ def versions() -> dict:
 # optimiser state, plus scalars), the trainer (run seed, config, data position) and the process' RNG.
 
 # Settings that shape the trajectory: a resume under other values would not continue the same run.
+ADDED_METHOD_DEFAULTS = {"directions": "gaussian"}   # method keys added since checkpoints were first written
 TRAJECTORY_KEYS = ("model", "data", "method", "seed", "optim", "learning_rate", "lr_scheduler_type", "warmup_steps",
                    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "momentum")
 
@@ -254,7 +255,7 @@ def save(out: Path, step: int, method, trainer, keep: int) -> Path:
 
 def check_compatible(meta: dict, cfg: dict, world: int, path: Path) -> None:
     """The checkpoint must come from this run's settings; the world size may differ (the global batch may not)."""
-    old = meta["config"]
+    old = {**meta["config"], "method": {**ADDED_METHOD_DEFAULTS, **meta["config"]["method"]}}
     directions = lambda c: c["method"].get("num_directions", 1) * c.get("direction_groups", 1)  # noqa: E731
     if directions(old) != directions(cfg):
         raise CheckpointError(f"{path} was saved with {directions(old)} directions a step (direction_groups x "

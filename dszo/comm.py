@@ -371,6 +371,8 @@ def direction_slots(groups: int) -> tuple[list[int], int, int]:
     slot k on part k of the global batch. Returns (the slots this rank measures, its position among the ranks
     that share them, how many ranks share them). With fewer nodes than groups, each node measures several
     slots one after another (one rank: all of them) -- the same step, sequentially."""
+    if groups == 1:   # every rank measures the one slot, in rank order (as before direction parallelism)
+        return [0], rank(), world_size()
     keys = NODE_OF if NODE_OF is not None and world_size() > 1 else ["local"] * world_size()
     nodes = list(dict.fromkeys(keys))
     ranks_of = {n: [r for r, k in enumerate(keys) if k == n] for n in nodes}
@@ -381,7 +383,7 @@ def direction_slots(groups: int) -> tuple[list[int], int, int]:
     if groups <= n and n % groups == 0:
         per = n // groups
         slot = me // per
-        ranks = [r for node in nodes[slot * per:(slot + 1) * per] for r in ranks_of[node]]
+        ranks = sorted(r for node in nodes[slot * per:(slot + 1) * per] for r in ranks_of[node])
         return [slot], ranks.index(rank()), len(ranks)
     if groups > n and groups % n == 0:
         per = groups // n
@@ -454,11 +456,10 @@ def _local_gather(group) -> Optional["shm.ShmAllGather"]:
         if os.environ.get("DSZO_SHM_GATHER", "1") != "0" and shm.supported():
             members = dist.get_world_size(group)
             ids: list = [None] * members
-            _uncounted("all_gather_object")(ids, _host_identity(), group=group)
-            if len(set(ids)) == 1:
-                ranks = dist.get_process_group_ranks(group) if group is not None else list(range(members))
-                name = (f"{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_"
-                        f"{ranks[0]}-{ranks[-1]}-{len(ranks)}").replace("/", "_")
+            _uncounted("all_gather_object")(ids, (_host_identity(), os.urandom(6).hex()), group=group)
+            if len({host for host, _ in ids}) == 1:
+                # the group's first rank's nonce: no two groups or jobs share a name
+                name = (f"{os.getuid()}_{os.environ.get('MASTER_PORT', '')}_{ids[0][1]}").replace("/", "_")
 
                 def agree(ok: bool) -> bool:
                     flag = torch.tensor([0 if ok else 1])

@@ -77,13 +77,12 @@ def replay(run_dir: Path, cfg, steps_limit: int = 0) -> Path:
                           "(AGZO's subspace comes from each step's activations; first_order logs no seeds)")
     header, steps = read_log(run_dir / LOG)
     method = build_run(cfg, int(header["run_seed"])).method
-    n_dir = cfg.method.num_directions * cfg.direction_groups   # direction d·G + k of the step is g[d·G + k]
     for rec in steps[:steps_limit or None]:
         t = rec["step"] - 1
         if rec["skipped"]:
             continue
-        for d, g in enumerate(rec["g"]):
-            method.accumulate(t, direction_seed(rec["seed"], d), g / n_dir)
+        for d, g in enumerate(rec["g"]):   # direction d·G + k of the step is g[d·G + k]; the update is their mean
+            method.accumulate(t, direction_seed(rec["seed"], d), g / len(rec["g"]))
         method.update(t, rec["lr"])
     out = run_dir / "replayed"
     save_trained(method, out, cfg, len(steps))

@@ -30,15 +30,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-HEADER = 128  # two int64 counters, 64 bytes apart (separate cache lines: no false sharing between them)
+HEADER = 128  # int64 counters: [0] written, [4 + slot] bytes in that slot, [8] read (its own cache line)
 MIN_CAPACITY = 1 << 20
 SHM_DIR = "/dev/shm"
 _FENCE = threading.Lock()
 
 
 def fence() -> None:
-    """A full memory barrier: a lock's acquire/release is a locked instruction, which on x86 also orders the
-    streaming (non-temporal) stores a large memcpy may use, so a peer that sees `written` sees the data too."""
+    """Keeps Python from reordering the counter store before the copy: a lock's acquire/release is a locked
+    instruction (a full barrier for ordinary stores on x86). The copy's own stores are ordered anyway: ATen's copy
+    kernel uses ordinary stores (x86 makes them visible in program order, also across its OpenMP join) and glibc's
+    memcpy ends its streaming-store loops with SFENCE."""
     _FENCE.acquire()
     _FENCE.release()
 
@@ -124,21 +126,22 @@ class ShmAllGather:
         self.segments, self.generation, self.seq = [], self.generation + 1, 0
         mine = self._path(self.generation, self.index)
         try:
-            if os.path.exists(mine):  # left by a crashed job that had the same name
-                os.unlink(mine)
             own = Segment(mine, capacity, create=True)
         except OSError:
             own = None
-        if not self.agree(own is not None):  # every rank's segment exists (or none is used)
-            self._give_up(own, mine)
-            return False
         try:
-            self.segments = [own if j == self.index else Segment(self._path(self.generation, j), capacity, False)
-                             for j in range(self.size)]
-        except OSError:
-            self.segments = []
-        ok = self.agree(bool(self.segments))  # every rank has mapped every segment: names can go
-        os.unlink(mine)  # the mappings stay valid; a crash from here on leaves nothing in /dev/shm
+            if not self.agree(own is not None):  # every rank's segment exists (or none is used)
+                self._give_up(own, mine)
+                return False
+            try:
+                self.segments = [own if j == self.index else Segment(self._path(self.generation, j), capacity, False)
+                                 for j in range(self.size)]
+            except OSError:
+                self.segments = []
+            ok = self.agree(bool(self.segments))  # every rank has mapped every segment: names can go
+        finally:   # also when a peer died during the agreement: nothing stays behind in /dev/shm
+            if own is not None and os.path.exists(mine):
+                os.unlink(mine)   # the mappings stay valid
         if not ok:
             self._give_up(own, None)
         return ok
@@ -175,6 +178,7 @@ class ShmAllGather:
         for j, peer in enumerate(self.segments):
             wait_until(lambda: peer.read() >= seq - 2, deadline, f"local rank {j}'s read of gather {seq - 2}")
         own.slot(seq, nbytes).copy_(src)
+        own.counters[4 + seq % 2] = nbytes
         fence()
         own.counters[0] = seq
         for j, peer in enumerate(self.segments):
@@ -184,6 +188,10 @@ class ShmAllGather:
                 continue
             wait_until(lambda: peer.written() >= seq, deadline, f"local rank {j}'s shard of gather {seq}")
             fence()
+            if int(peer.counters[4 + seq % 2]) != nbytes:   # ranks must gather in the same order with the same sizes
+                raise RuntimeError(f"shared-memory all-gather {seq}: local rank {j} gathers "
+                                   f"{int(peer.counters[4 + seq % 2])} bytes, this rank {nbytes}: the ranks issue "
+                                   "different gathers (set DSZO_SHM_GATHER=0 and report this)")
             part.copy_(peer.slot(seq, nbytes))
         fence()
         own.counters[8] = seq

@@ -199,3 +199,19 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_model, tiny_data, 
     bad = [r for r in recs if r["skipped"]]
     assert len(bad) == 2 and bad[-1]["skipped_total"] == 2
     assert (tmp_path / "nan" / "latest").exists()
+
+
+def test_checkpoints_of_earlier_versions_and_of_other_direction_layouts_resume(tmp_path):
+    """A checkpoint written before `method.directions` existed resumes (the key's default is what it ran with);
+    direction_groups x num_directions may be refactored, but not changed."""
+    from dszo.checkpoint import CheckpointError, check_compatible
+    from dszo.config import load_config, to_dict
+
+    cfg = to_dict(load_config(None, {"method": {"name": "mezo", "num_directions": 2}}))
+    old = {**cfg, "method": {k: v for k, v in cfg["method"].items() if k != "directions"}}
+    check_compatible({"config": old, "world_size": 1, "step": 1}, cfg, 1, tmp_path)
+    regrouped = {**cfg, "direction_groups": 2, "method": {**cfg["method"], "num_directions": 1}}
+    check_compatible({"config": cfg, "world_size": 1, "step": 1}, regrouped, 1, tmp_path)
+    with pytest.raises(CheckpointError, match="2 directions a step.*this run has 4"):
+        check_compatible({"config": cfg, "world_size": 1, "step": 1}, {**regrouped, "direction_groups": 4}, 1,
+                         tmp_path)

@@ -70,3 +70,30 @@ def test_stale_torch_extension_build_locks_are_cleared(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="stale build lock"):
         assert comm.clear_stale_build_locks() == [str(tmp_path / "old_op" / "lock")]
     assert not (tmp_path / "old_op" / "lock").exists() and (tmp_path / "building_op" / "lock").exists()
+
+
+@pytest.mark.parametrize("keys,rank,groups,want", [
+    (["a", "a", "b", "b"], 2, 1, ([0], 2, 4)),             # one group: rank order, whatever the nodes
+    (["a", "b", "a", "b"], 1, 1, ([0], 1, 4)),
+    (["a", "a", "b"], 2, 1, ([0], 2, 3)),                  # unequal nodes are fine without groups
+    (["a", "a", "b", "b"], 3, 2, ([1], 1, 2)),             # one group per node
+    (["a", "b", "a", "b"], 2, 2, ([0], 1, 2)),             # interleaved placement: node a = ranks 0, 2
+    (["a", "a", "b", "b", "c", "c", "d", "d"], 5, 2, ([1], 1, 4)),   # two nodes per group
+    (["a", "a", "b", "b"], 1, 4, ([0, 1], 1, 2)),          # more groups than nodes: each node measures two
+])
+def test_direction_slots(monkeypatch, keys, rank, groups, want):
+    monkeypatch.setattr(comm, "NODE_OF", keys)
+    monkeypatch.setattr(comm, "world_size", lambda: len(keys))
+    monkeypatch.setattr(comm, "rank", lambda: rank)
+    assert comm.direction_slots(groups) == want
+
+
+def test_direction_groups_that_do_not_fit_the_nodes_are_refused(monkeypatch):
+    monkeypatch.setattr(comm, "world_size", lambda: 3)
+    monkeypatch.setattr(comm, "rank", lambda: 0)
+    monkeypatch.setattr(comm, "NODE_OF", ["a", "b", "c"])
+    with pytest.raises(ValueError, match="must divide the number of nodes or be a multiple"):
+        comm.direction_slots(2)
+    monkeypatch.setattr(comm, "NODE_OF", ["a", "a", "b"])
+    with pytest.raises(ValueError, match="same number of ranks on every node"):
+        comm.direction_slots(2)

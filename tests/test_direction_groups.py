@@ -122,3 +122,35 @@ def test_a_two_node_checkpoint_resumes_on_one_rank(two_nodes, one_rank, referenc
     tol = _tolerance(reference)
     _assert_grads_close(resumed, [[r["proj_grad"] for r in s] for s in reference[0]], tol)
     _assert_params_close(run, reference[1], tol, tiny_model)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("method", ["agzo", "lozo"])
+def test_low_rank_methods_with_groups_on_two_nodes_equal_one_rank(method, tiny_model, tiny_data, tmp_path):
+    """AGZO and LOZO regenerate every group's direction from its seed when they apply it (a node never measured
+    the other group's); 2 nodes (one group each) = 1 rank (both groups in turn), with the bounds of
+    tests/methods/test_methods_distributed.py."""
+    from methods.test_methods_distributed import _cfg, _trained, tolerance
+
+    reason = _can_make_netns()
+    if reason:
+        pytest.skip(f"needs network namespaces: {reason}")
+    def cfg(out, ranks):   # ε 5e-2: a mean of two g's moves θ less than one g; a larger ε keeps g's error small
+        c = {**_cfg(tiny_model, tiny_data, out, method, ranks), "direction_groups": GROUPS}
+        c["method"]["zo_eps"] = 5e-2
+        return c
+
+    launch(cfg(tmp_path / "r1", 1), 1)
+    n2 = cfg(tmp_path / "n2", 2)
+    (tmp_path / "n2.yaml").write_text(yaml.safe_dump(n2))
+    proc = run_group(["bash", str(REPO / "launch" / "sim_cluster.sh"), "2", "1", "dszo/train.py", "--config",
+                      str(tmp_path / "n2.yaml")], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    # the bounds grow with |g|: the step's largest; each direction's g must have a certain sign on its own
+    records = step_records(tmp_path / "r1")
+    largest = [{**r, "proj_grad": max(abs(g) for g in r["proj_grads"])} for r in records]
+    tol, bounds = tolerance(method, tmp_path / "r1", tiny_model, records=largest)
+    for t, r in enumerate(records):
+        assert all(abs(g) > 2 * tol.proj_grad(t) for g in r["proj_grads"]), f"step {t} ill-conditioned"
+    _assert_grads_close(step_records(tmp_path / "n2"), [r["proj_grads"] for r in records], tol)
+    assert_tensors_rms_close(_trained(tmp_path / "r1"), _trained(tmp_path / "n2"), bounds.get)

@@ -156,10 +156,19 @@ class AGZO(ZOMethod):
         """One-sided: (L(θ + μZ) - L(θ)) / μ."""
         return (a - b) / n / self.cfg.method.zo_eps
 
+    def _r_rows(self, dseed: int, name: str) -> torch.Tensor:
+        """Rows partition_rows(part) of direction dseed's R: what this rank's update needs, regenerated from the
+        seed (a step's other directions -- other groups' slots -- were never measured here)."""
+        r, part = self.cfg.method.rank, self.partitions[name]
+        r0, r1 = partition_rows(part)
+        return direction(self.cfg.method.directions, dseed, part.key, r0 * r, r1 * r,
+                         device=part.local.device).view(r1 - r0, r)
+
     def accumulate(self, t: int, dseed: int, coeff: float) -> None:
         self.vector_estimate.accumulate(dseed, coeff)
-        for name, rmat in self.R.items():
-            self.step_dir[name] = coeff * rmat if name not in self.step_dir else self.step_dir[name].add_(rmat, alpha=coeff)
+        for name in self.layers:
+            rows = self._r_rows(dseed, name)
+            self.step_dir[name] = coeff * rows if name not in self.step_dir else self.step_dir[name].add_(rows, alpha=coeff)
 
     def discard(self) -> None:
         self.vector_estimate.discard()
@@ -168,9 +177,7 @@ class AGZO(ZOMethod):
     def update(self, t: int, lr: float) -> None:
         self.vector_estimate.apply(lr)
         for name in self.layers:
-            part = self.partitions[name]
-            r0, r1 = partition_rows(part)
-            apply_low_rank_rows(part, self.step_dir.pop(name)[r0:r1], self.A[name], lr)
+            apply_low_rank_rows(self.partitions[name], self.step_dir.pop(name), self.A[name], lr)
 
 
 register(AGZOConfig, AGZO)

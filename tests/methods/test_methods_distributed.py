@@ -56,7 +56,7 @@ def _trained(run):
     return load_file(str(run / "trainable.safetensors"))
 
 
-def tolerance(method: str, run, tiny_model) -> tuple[Trajectory, dict]:
+def tolerance(method: str, run, tiny_model, records=None) -> tuple[Trajectory, dict]:
     """Two runs of `method` (SGD) that round differently, compared normwise per tensor by the rms of z over it:
     Gaussian for MeZO and the 1-D tensors; LOZO's U Vᵀ: z_ij = Σ_k u_ik·v_jk, so by Cauchy–Schwarz
     rms(z) ≤ rank·rms(u)·rms(v); AGZO's R Aᵀ, A (n×rank) with orthonormal columns: ‖R Aᵀ‖_F = ‖R‖_F, so
@@ -79,7 +79,7 @@ def tolerance(method: str, run, tiny_model) -> tuple[Trajectory, dict]:
     direction_rel = 2 * (m["power_iters"] + 1) * 2 * TINY_FORWARD_REL if method == "agzo" else 0.0
     # ‖R ΔAᵀ‖_F ≤ ‖R‖_F·‖ΔA‖₂, R: rows×rank Gaussian per 2-D weight
     r_norm = math.sqrt(sum(t.shape[0] * rank * gaussian_rms(t.shape[0] * rank) ** 2 for t in trained.values() if t.dim() == 2))
-    tol = Trajectory(step_records(run), eps=m["zo_eps"], lr=cfg["learning_rate"], update="sgd",
+    tol = Trajectory(records or step_records(run), eps=m["zo_eps"], lr=cfg["learning_rate"], update="sgd",
                      n=sum(t.numel() for t in trained.values()), one_sided=method == "agzo",
                      direction_rel=direction_rel, z_norm=r_norm, momentum=m.get("momentum", 0.0))
     tol.assert_conditioned()
