@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def expand(spec: SweepSpec) -> list[Point]:
     for overrides in sets:
         for seed in spec.seeds:
             values = {**overrides, "seed": seed}
-            name = ",".join(f"{k}={_text(v)}" for k, v in values.items()).replace("/", "_").replace(" ", "")
+            name = re.sub(r"[^\w.=,+\-\[\]]", "", ",".join(f"{k}={_text(v)}" for k, v in values.items()))
             points.append(Point(len(points), name, values, Path(spec.output_dir) / name))
     return points
 
