@@ -61,7 +61,7 @@ class MethodConfig:
     zo_eps: float = 1e-2
     num_directions: int = 1
     # Distribution of the perturbation directions: gaussian (the papers') or rademacher (±1: E[z zᵀ] = I too;
-    # ~30x cheaper to draw, which matters where a method draws a dense direction per weight on a CPU).
+    # 8-12x cheaper to draw here, which matters where a method draws a dense direction per weight on a CPU).
     directions: Literal["gaussian", "rademacher"] = "gaussian"
     # Low-rank methods apply ±eps*Z inside the layers on a doubled batch: L+ and L- from one forward
     # (one ZeRO-3 gather of the frozen weights). false: two forwards.
