@@ -22,7 +22,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.method_comparison import _curve_stats, _summary, best_setting  # noqa: E402
+from benchmarks.method_comparison import _curve_stats, _summary, best_probe  # noqa: E402
 
 NODES = (1, 2, 4)
 METHODS = ("zo_act", "mezo")
@@ -31,11 +31,11 @@ STEPS, EVERY, BATCH, SEEDS = 300, 50, 8, [42]
 
 def plan() -> None:
     for m in METHODS:
-        found = best_setting(*_summary(f"probe_{m}"))
+        found = best_probe(m)
         if found is None:
             print(f"{m}: no finished probe yet (benchmarks/method_tuning.sh)")
             continue
-        keys, _ = found
+        keys = found[0]
         for n in NODES:
             points = [{**keys, "direction_groups": 1}] + ([{**keys, "direction_groups": n}] if n > 1 else [])
             spec = {"config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": f"runs/sweeps/scaling_{m}_n{n}",

@@ -21,16 +21,23 @@ def write_summary(spec, rows: list[dict]) -> None:
     tmp = out / f".summary.{os.getpid()}"
     tmp.write_text(json.dumps({"spec": spec.__dict__, "rows": rows}, indent=2) + "\n")
     os.replace(tmp, out / "summary.json")
-    columns = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, SCALARS)))
+    # scalar columns, and swept values that are lists (e.g. method.target_modules) as their JSON text
+    columns = list(dict.fromkeys(k for r in rows for k, v in r.items()
+                                 if isinstance(v, SCALARS) or k in spec.grid or any(k in p for p in spec.points)))
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, columns, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: label(v) for k, v in r.items()} for r in rows)
     os.replace(tmp, out / "summary.csv")
     done = [r for r in rows if r["state"] == "done"]
     if done:
         _plot(spec, done, tmp.with_suffix(".png"))
         os.replace(tmp.with_suffix(".png"), out / "summary.png")
+
+
+def label(value):
+    """A swept value as a table cell or a dictionary key: lists and mappings as their JSON text."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
 def settings(rows: list[dict]) -> dict[str, list[dict]]:
@@ -78,14 +85,16 @@ def _plot_metric_vs_key(ax, spec, rows: list[dict], key: str) -> None:
     lines: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get(spec.metric) is not None and key in r:
-            lines[tuple(r.get(k) for k in others)][r[key]].append(r[spec.metric])
-    for label, by_value in lines.items():
+            lines[tuple(label(r.get(k)) for k in others)][label(r[key])].append(r[spec.metric])
+    for line, by_value in lines.items():
         xs = sorted(by_value, key=lambda v: (isinstance(v, str), v))
         stats = [seed_stats(by_value[x]) for x in xs]
-        ax.plot(range(len(xs)) if isinstance(xs[0], str) else xs, [s[0] for s in stats], marker="o",
-                label=", ".join(f"{k}={v}" for k, v in zip(others, label)) or None)
-        ax.fill_between(range(len(xs)) if isinstance(xs[0], str) else xs, [s[1] for s in stats],
-                        [s[2] for s in stats], alpha=0.2)
+        where = list(range(len(xs))) if isinstance(xs[0], str) else xs
+        ax.plot(where, [s[0] for s in stats], marker="o",
+                label=", ".join(f"{k}={v}" for k, v in zip(others, line)) or None)
+        ax.fill_between(where, [s[1] for s in stats], [s[2] for s in stats], alpha=0.2)
+        if isinstance(xs[0], str):
+            ax.set_xticks(where, xs, fontsize=7)
     values = [v for r in rows for v in [r.get(key)] if isinstance(v, (int, float))]
     if values and min(values) > 0 and max(values) / min(values) >= 10 and not math.isclose(min(values), max(values)):
         ax.set_xscale("log")

@@ -100,3 +100,18 @@ def test_a_point_stopped_by_a_signal_stops_the_sweep_and_resumes_later(tmp_path,
     (p.out / "latest").write_text("checkpoint-1")
     cmd = sweep.command(spec, p)
     assert cmd[cmd.index("--resume_from_checkpoint") + 1] == "latest"
+
+
+def test_the_summary_takes_list_valued_keys(tmp_path, tiny_model, tiny_data):
+    """A swept list (method.target_modules) is a column of the table (its JSON text) and a point of the plot."""
+    from dszo.sweep_report import write_summary
+
+    spec = sweep.load_spec(_spec(tmp_path, tiny_model, tiny_data, grid={"method.target_modules": [["q_proj"], ["v_proj", "o_proj"]],
+                                                                        "learning_rate": [1e-3, 1e-2]}))
+    rows = [{"point": p.index, "name": p.name, **p.overrides, "state": "done", "dev_accuracy_after": 0.5 + p.index / 10,
+             "dev_curve": [[16, 0.5]]} for p in sweep.expand(spec)]
+    write_summary(spec, rows)
+    table = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
+    assert sorted(r["method.target_modules"] for r in table) == ['["q_proj"]', '["q_proj"]', '["v_proj", "o_proj"]',
+                                                                 '["v_proj", "o_proj"]']
+    assert (tmp_path / "sweep" / "summary.png").stat().st_size > 0
