@@ -89,7 +89,6 @@ class AGZO(ZOMethod):
         if cfg.gradient_accumulation_steps != 1:
             raise ConfigError("method agzo computes its subspace from one batch: set gradient_accumulation_steps: 1")
         self.perturbation, self.capture = Perturbation(cfg.method.directions), Capture()
-        self.R: dict[str, torch.Tensor] = {}
         self.A: dict[str, torch.Tensor] = {}
         self.f0: dict[int, tuple] = {}   # id(batch) -> (Σ f0, n) of this step's micro-batches
 
@@ -143,11 +142,11 @@ class AGZO(ZOMethod):
 
     def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
         r = self.cfg.method.rank
-        self.R = {name: direction(self.cfg.method.directions, dseed, part.key, 0, part.shape[0] * r,
-                                  device=part.local.device).view(part.shape[0], r)
-                  for name, part in ((n, self.partitions[n]) for n in self.layers)}
-        for name in self.layers:
-            self.perturbation.directions[name] = (self.R[name], self.A[name])
+        for name in self.layers:   # the whole R of this direction: the forward perturbs every row of the layer
+            part = self.partitions[name]
+            rows = direction(self.cfg.method.directions, dseed, part.key, 0, part.shape[0] * r,
+                             device=part.local.device).view(part.shape[0], r)
+            self.perturbation.directions[name] = (rows, self.A[name])
         fp, _ = self.perturbation.measure_one_sided(runtime, batch, dseed, self.cfg.method.zo_eps)
         f0, n = self.f0[id(batch)]
         return fp, f0, n
