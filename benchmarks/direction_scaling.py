@@ -1,15 +1,24 @@
-"""What do more nodes buy? Data parallelism vs direction parallelism on 1, 2 and 4 simulated nodes (issue 16).
+"""What do more nodes buy? Data parallelism vs direction parallelism on 1, 2 and 4 nodes (issue 16).
 
-    python benchmarks/direction_scaling.py plan      # sweeps/scaling_<method>_n<N>.yaml at the tuned setting
-    python -m dszo sweep sweeps/scaling_<method>_n<N>.yaml   (resumable; N simulated nodes: needs root + iproute2)
+    python benchmarks/direction_scaling.py plan      # sweeps/scaling_<method>.yaml at the tuned setting,
+                                                     # sweeps/scaling_bytes.yaml (4 simulated nodes, 3 steps)
+    python -m dszo sweep sweeps/scaling_<method>.yaml   (resumable)
     python benchmarks/direction_scaling.py report    # benchmarks/results/direction_scaling.{json,png}
     (bash benchmarks/direction_scaling.sh does all of it.)
 
-Every run takes the same number of steps from the same start. On N nodes (one rank each, per-rank batch b):
+Every run takes the same number of steps from the same start. On N nodes (one rank each, b examples a node):
   data        direction_groups 1: one direction a step, global batch N·b
-  directions  direction_groups N: N directions a step, each on its node's b examples
-The tuned setting is the method's best learning rate from its probes (benchmarks/method_comparison.py). On this
-2-core machine the time axis is the step (only scalars cross nodes either way: the runs record the bytes).
+  directions  direction_groups N: N directions a step, each measured on its node's b examples
+The tuned setting is the method's best learning rate from its probes (benchmarks/method_comparison.py).
+
+The accuracy runs are one process each, with all cores. That is the same run as N nodes, not an approximation:
+a run's trajectory does not depend on its world size (invariant I1, tests/test_invariants.py), and G direction
+groups on one rank measure the same G directions on the same per-direction examples as G groups of nodes
+(tests/test_direction_groups.py: 2 simulated nodes = 1 rank, within fp32 rounding). Running N real processes on
+this 2-core machine would only make each step N times slower. What N nodes change is the wall time of a step,
+so the bytes that cross nodes are measured in a short run on 4 simulated nodes (network namespaces, real TCP,
+sweeps/scaling_bytes.yaml). On this machine the time axis is therefore the step; benchmarks/projection.py turns
+steps into time on clusters.
 """
 from __future__ import annotations
 
@@ -26,7 +35,13 @@ from benchmarks.method_comparison import _curve_stats, _summary, best_probe  # n
 
 NODES = (1, 2, 4)
 METHODS = ("zo_act", "mezo")
-STEPS, EVERY, BATCH, SEEDS = 300, 50, 8, [42]
+STEPS, DEV_EVERY, BATCH, SEEDS = 300, 25, 8, [42]
+
+
+def _write(name: str, spec: dict) -> None:
+    path = Path(f"sweeps/{name}.yaml")
+    path.write_text("# Written by benchmarks/direction_scaling.py plan.\n" + yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))  # no YAML aliases
+    print(f"{name}: {path} ({len(spec['points'])} points)")
 
 
 def plan() -> None:
@@ -36,48 +51,82 @@ def plan() -> None:
             print(f"{m}: no finished probe yet (benchmarks/method_tuning.sh)")
             continue
         keys = found[0]
-        for n in NODES:
-            points = [{**keys, "direction_groups": 1}] + ([{**keys, "direction_groups": n}] if n > 1 else [])
-            spec = {"config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": f"runs/sweeps/scaling_{m}_n{n}",
-                    "points": points, "seeds": SEEDS,
-                    "launcher": "python" if n == 1 else f"bash launch/sim_cluster.sh {n} 1",
-                    "overrides": {"per_device_train_batch_size": BATCH, "max_steps": STEPS, "eval_steps": EVERY,
-                                  "test_eval_steps": EVERY, "partition": "node" if n > 1 else "auto",
-                                  "save_steps": EVERY, "disable_tqdm": True}}
-            path = Path(f"sweeps/scaling_{m}_n{n}.yaml")
-            path.write_text("# Written by benchmarks/direction_scaling.py plan.\n" + yaml.safe_dump(spec, sort_keys=False))
-            print(f"{m} n={n}: {path}")
+        points = [{**keys, "per_device_train_batch_size": BATCH * n, "direction_groups": g}
+                  for n in NODES for g in sorted({1, n})]
+        _write(f"scaling_{m}", {
+            "config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": f"runs/sweeps/scaling_{m}",
+            "points": points, "seeds": SEEDS,
+            "overrides": {"max_steps": STEPS, "eval_steps": DEV_EVERY, "eval_before_training": True,
+                          "do_predict": True, "save_steps": 50, "disable_tqdm": True}})
+        if m == "zo_act":   # the bytes per step on 4 real (simulated) nodes, both modes
+            _write("scaling_bytes", {
+                "config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": "runs/sweeps/scaling_bytes",
+                "points": [{**keys, "direction_groups": g} for g in (1, NODES[-1])], "seeds": SEEDS,
+                "launcher": f"bash launch/sim_cluster.sh {NODES[-1]} 1",
+                "overrides": {"per_device_train_batch_size": BATCH, "max_steps": 3, "eval_steps": 0,
+                              "eval_before_training": False, "partition": "node", "save_steps": 0,
+                              "disable_tqdm": True}})
 
 
-def _bytes_per_step(run_dir: Path) -> dict:
-    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"comm"' in x]
-    reach = lambda k: statistics.median(s["comm"]["reach"].get(k, 0) for s in steps) if steps else None  # noqa: E731
-    return {"spans_nodes": reach("spans_nodes"), "within_node": reach("within_node")}
+def steps_to_reach(curve: list, per_step: float, target: float, lower_is_better: bool) -> float | None:
+    """The first evaluated step at which the curve reaches the target (None: never within the run)."""
+    for x, y in curve:
+        if y is not None and (y <= target if lower_is_better else y >= target):
+            return x / per_step
+    return None
+
+
+def _bytes_per_step() -> dict:
+    """Median bytes a step, by reach, in the 4-simulated-node runs of each mode (rank 0's counters)."""
+    found = {}
+    for r in (x for x in _summary("scaling_bytes")[1] if x["state"] == "done"):
+        path = Path("runs/sweeps/scaling_bytes") / r["name"] / "metrics.jsonl"
+        steps = [json.loads(x)["comm"] for x in path.read_text().splitlines() if '"comm"' in x] if path.exists() else []
+        if steps:
+            mode = "directions" if r["direction_groups"] > 1 else "data"
+            found[mode] = {"nodes": NODES[-1], "direction_groups": r["direction_groups"],
+                           **{k: statistics.median(s["reach"].get(k, 0) for s in steps)
+                              for k in ("spans_nodes", "within_node")}}
+    return found
+
+
+def _table() -> dict:
+    runs: dict = {}
+    for m in METHODS:
+        for r in (x for x in _summary(f"scaling_{m}")[1] if x["state"] == "done"):
+            mode = "directions" if r["direction_groups"] > 1 else "data"
+            runs.setdefault((m, r["per_device_train_batch_size"] // BATCH, mode), []).append(r)
+    table = {}
+    for (m, n, mode), rs in sorted(runs.items()):
+        table[f"{m} n={n} {mode}"] = {
+            "method": m, "nodes": n, "mode": mode, "steps": rs[0]["steps"], "example_forwards": rs[0]["example_forwards"],
+            "learning_rate": rs[0].get("learning_rate"), "seeds": [r["seed"] for r in rs],
+            "test_accuracy": [r["test_accuracy"] for r in rs], "test_majority_rate": rs[0].get("test_majority_rate"),
+            "dev_accuracy": [r["dev_accuracy_after"] for r in rs], "dev_loss": [r["dev_loss_after"] for r in rs],
+            "mean_step_s_one_process": [r["mean_step_s"] for r in rs],
+            "dev_curve": _curve_stats(rs, "dev_curve"), "dev_loss_curve": _curve_stats(rs, "dev_loss_curve")}
+    for r in table.values():   # the target: the 1-node run's final dev accuracy (and loss), in how many steps
+        base = table.get(f"{r['method']} n=1 data")
+        if base:
+            per_step = r["example_forwards"] / r["steps"]
+            r["steps_to_1node_final"] = {
+                "dev_accuracy": steps_to_reach(r["dev_curve"], per_step, statistics.fmean(base["dev_accuracy"]), False),
+                "dev_loss": steps_to_reach(r["dev_loss_curve"], per_step, statistics.fmean(base["dev_loss"]), True)}
+    return table
 
 
 def report(out: Path, plot: Path) -> None:
     from benchmarks.common import environment
 
-    results = {}
-    for m in METHODS:
-        for n in NODES:
-            spec, rows = _summary(f"scaling_{m}_n{n}")
-            for r in (x for x in rows if x["state"] == "done"):
-                mode = "data" if r["direction_groups"] == 1 else "directions"
-                key = f"{m} n={n} {mode}"
-                results.setdefault(key, {"method": m, "nodes": n, "mode": mode, "runs": []})["runs"].append(r)
-    table = {}
-    for key, res in results.items():
-        runs = res.pop("runs")
-        folder = Path(f"runs/sweeps/scaling_{res['method']}_n{res['nodes']}") / runs[0]["name"]
-        table[key] = {**res, "test_accuracy": [r["test_accuracy"] for r in runs], "steps": runs[0]["steps"],
-                      "example_forwards": runs[0]["example_forwards"], "mean_step_s": [r["mean_step_s"] for r in runs],
-                      "test_curve": _curve_stats(runs, "test_curve"), "dev_curve": _curve_stats(runs, "dev_curve"),
-                      "bytes_per_step": _bytes_per_step(folder) if folder.exists() else None}
+    table = _table()
     out.write_text(json.dumps({"benchmark": "direction_scaling", "environment": environment(),
-                               "command": "bash benchmarks/direction_scaling.sh", "runs": table}, indent=1) + "\n")
+                               "command": "bash benchmarks/direction_scaling.sh", "nodes_per_run_note": __doc__,
+                               "bytes_per_step_4_nodes": _bytes_per_step(), "runs": table}, indent=1) + "\n")
+    print(f"{'run':26} {'dev acc':>7} {'dev loss':>8} {'test acc':>8}  steps to the 1-node final (acc / loss)")
     for key, r in table.items():
-        print(f"{key:28} test {statistics.fmean(r['test_accuracy']):.3f}  bytes/step {r['bytes_per_step']}")
+        reach = r.get("steps_to_1node_final", {})
+        print(f"{key:26} {statistics.fmean(r['dev_accuracy']):7.3f} {statistics.fmean(r['dev_loss']):8.4f} "
+              f"{statistics.fmean(r['test_accuracy']):8.3f}  {reach.get('dev_accuracy')} / {reach.get('dev_loss')}")
     _plot(table, plot)
 
 
@@ -87,21 +136,20 @@ def _plot(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for key, r in table.items():
-        c = r["dev_curve"]
-        if not c:
-            continue
-        per_step = r["example_forwards"] / r["steps"]
-        style = "-" if r["mode"] == "data" else "--"
-        axes[0].plot([x[0] / per_step for x in c], [x[1] for x in c], style, marker="o", label=key)
-        axes[1].plot([x[0] for x in c], [x[1] for x in c], style, marker="o", label=key)
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("example-forward passes")
-    for ax in axes:
-        ax.set_ylabel("dev accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(len(METHODS), 2, figsize=(12, 4 * len(METHODS)), squeeze=False)
+    for row, m in zip(axes, METHODS):
+        for r in (r for r in table.values() if r["method"] == m):
+            per_step = r["example_forwards"] / r["steps"]
+            style = "-" if r["mode"] == "data" else "--"
+            label = f"{r['nodes']} node{'s' if r['nodes'] > 1 else ''}, {r['mode']}"
+            for ax, curve in zip(row, (r["dev_curve"], r["dev_loss_curve"])):
+                ax.plot([x[0] / per_step for x in curve], [x[1] for x in curve], style, marker=".", label=label)
+        for ax, what in zip(row, ("dev accuracy", "dev loss (candidates' cross-entropy)")):
+            ax.set_title(f"{m}: {what}", fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("data parallelism (batch x N, solid) vs direction parallelism (directions x N, dashed)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -198,6 +198,7 @@ def summarize(spec: SweepSpec, points: Optional[list[Point]] = None) -> list[dic
             row.update({k: v for k, v in results.items() if k != "event"},
                        example_forwards=per_step * results["steps"],
                        dev_curve=[[m["step"] * per_step, m.get("eval_accuracy")] for m in evals],
+                       dev_loss_curve=[[m["step"] * per_step, m.get("eval_loss")] for m in evals],
                        test_curve=[[m["step"] * per_step, m.get("test_accuracy")] for m in metrics
                                    if m.get("event") == "test"],
                        dev_accuracy_best=max((m.get("eval_accuracy") or 0 for m in evals), default=None))

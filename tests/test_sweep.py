@@ -70,6 +70,7 @@ def test_a_sweep_runs_every_point_once_and_summarises(tmp_path, tiny_model, tiny
     # 2 steps x 8 examples x 2 forwards (ZO-Act), the dev curve ends at the final evaluation
     assert [r["example_forwards"] for r in summary] == [32, 32]
     assert all(0 <= r["dev_accuracy_after"] <= 1 and r["dev_curve"][-1][0] == 32 for r in summary)
+    assert all(r["dev_loss_curve"][-1] == [32, r["dev_loss_after"]] for r in summary)
     # test_eval_steps: 1 -> the test split after step 1 and at the end, each beside its majority-class rate
     assert all([x for x, _ in r["test_curve"]] == [16, 32] and 0.5 <= r["test_majority_rate"] <= 1 for r in summary)
     assert (out / "summary.png").stat().st_size > 0
