@@ -15,8 +15,18 @@ Model (every assumption is printed into the output):
   bytes), all over the world group, no overlap with compute (upper bound) and perfect overlap (lower bound).
 - memory per GPU (weights + trainable/optimizer state), activations excluded: ZO node: P·bytes / GPUs per
   node; ZO world: P·bytes / world; first-order full fine-tuning with Adam in mixed precision: 16·P / world.
-What it does not say: ZO methods need many more steps than backprop to reach the same accuracy (see
-benchmarks/results/method_comparison.json); this compares the cost of one step, not time to accuracy.
+What the step model does not say: ZO methods need many more steps than backprop to reach the same accuracy (see
+benchmarks/results/method_comparison.json); it compares the cost of one step.
+
+Time to accuracy, data vs direction parallelism (issue 16), where benchmarks/results/direction_scaling.json exists:
+- steps to the 1-node run's final dev accuracy at N nodes, per method and mode, follow Amdahl's form
+  S(N) = S(1)·(s + (1 − s)/N), s fitted by least squares to the steps measured at N = 1, 2, 4 (s: the share
+  of the steps that N times more examples, or directions, per step cannot remove). Assumed to carry over from
+  the 135M model and task measured to the projected model sizes -- the weakest assumption here.
+- step time at N nodes: the ZO node step above (per-GPU batch fixed). Direction parallelism adds the scalars of
+  G = N directions (3G + 1 float64 instead of 4) and applying G − 1 more directions to the GPU's shard: free
+  for ZO-Act (its coefficients are ~10⁻⁴ of P), for MeZO G − 1 more draws of Z over the shard (fused into the
+  one pass over the weights, so the draws, not the memory traffic, grow: P / GPUs per node / rng_rate each).
 """
 from __future__ import annotations
 
@@ -60,6 +70,36 @@ def project(p: float, nodes: int, a) -> dict:
     }
 
 
+def serial_fraction(steps: dict[int, float]) -> float:
+    """s of S(N) = S(1)·(s + (1 − s)/N) by least squares over the measured N (closed form, clamped to [0, 1])."""
+    xs = {n: 1 - 1 / n for n in steps}
+    ys = {n: v / steps[1] - 1 / n for n, v in steps.items()}
+    den = sum(x * x for x in xs.values())
+    return 1.0 if den == 0 else min(1.0, max(0.0, sum(xs[n] * ys[n] for n in steps) / den))
+
+
+def measured_steps(scaling: dict) -> dict[tuple[str, str], dict[int, float]]:
+    """{(method, mode): {nodes: steps to the 1-node final dev accuracy}} from direction_scaling.json; a run
+    that never reached it counts as its whole length (a lower bound: the projection is then optimistic)."""
+    found: dict = {}
+    for r in scaling["runs"].values():
+        reached = (r.get("steps_to_1node_final") or {}).get("dev_accuracy")
+        for mode in ("data", "directions") if r["nodes"] == 1 else (r["mode"],):
+            found.setdefault((r["method"], mode), {})[r["nodes"]] = reached if reached is not None else r["steps"]
+    return found
+
+
+def time_to_accuracy(p: float, nodes: int, method: str, mode: str, steps: dict[int, float], a) -> dict:
+    s = serial_fraction(steps)
+    step_s = project(p, nodes, a)["zo_node_step_s"]   # the scalar all-reduce: latency-bound, 4 or 3G + 1 floats
+    if mode == "directions" and method == "mezo":
+        step_s += (nodes - 1) * p / a.gpus_per_node / a.rng_rate
+    n_steps = steps[1] * (s + (1 - s) / nodes)
+    return {"method": method, "mode": mode, "params_b": p / 1e9, "nodes": nodes, "serial_fraction": s,
+            "steps": n_steps, "step_s": step_s, "time_s": n_steps * step_s,
+            "inter_node_bytes_per_step": 8 * (3 * (nodes if mode == "directions" else 1) + 1) if nodes > 1 else 0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-b", type=float, nargs="+", default=[1, 7, 13, 70])
@@ -75,6 +115,9 @@ def main() -> None:
     ap.add_argument("--inter-bw", type=float, default=50e9, help="bytes/s per GPU across nodes (400 Gb/s IB)")
     ap.add_argument("--intra-latency", type=float, default=10e-6)
     ap.add_argument("--inter-latency", type=float, default=20e-6)
+    ap.add_argument("--rng-rate", type=float, default=2e11,
+                    help="normals drawn per s per GPU (fused Philox + Box-Muller, memory-bound on an H100: assumed)")
+    ap.add_argument("--scaling", default="benchmarks/results/direction_scaling.json")
     ap.add_argument("--out", default="benchmarks/results/projection.json")
     a = ap.parse_args()
     measured = json.loads((REPO / "benchmarks/results/step_zo_act.json").read_text())["summary"]
@@ -83,7 +126,14 @@ def main() -> None:
     assumptions = {k: v for k, v in vars(a).items() if k not in ("out", "sizes_b", "nodes")}
     assumptions["calibration"] = ("zo_step_over_fwd2x from benchmarks/results/step_zo_act.json; the analytic "
                                   "gather volume P·bytes per step is the one measured by tests/test_partition.py")
-    Path(a.out).write_text(json.dumps({"assumptions": assumptions, "model": __doc__, "rows": rows}, indent=1) + "\n")
+    scaling = REPO / a.scaling
+    tta = []
+    if scaling.exists():
+        for (method, mode), steps in sorted(measured_steps(json.loads(scaling.read_text())).items()):
+            if {1, 2, 4} <= set(steps):
+                tta += [time_to_accuracy(s * 1e9, n, method, mode, steps, a) for s in a.sizes_b for n in a.nodes]
+    Path(a.out).write_text(json.dumps({"assumptions": assumptions, "model": __doc__, "rows": rows,
+                                       "time_to_accuracy": tta}, indent=1) + "\n")
     print(f"{'P':>5} {'nodes':>5} {'ZO node s':>10} {'ZO world s':>10} {'FO s (no ovl)':>13} {'FO s (ovl)':>10} "
           f"{'x-node B/GPU ZO node':>20} {'FO':>10} {'GiB/GPU ZO node':>15} {'FO Adam':>8}")
     for r in rows:
@@ -91,6 +141,12 @@ def main() -> None:
         print(f"{r['params_b']:4.0f}B {r['nodes']:5d} {r['zo_node_step_s']:10.3f} {r['zo_world_step_s']:10.3f} "
               f"{r['fo_step_s_no_overlap']:13.3f} {r['fo_step_s_overlap']:10.3f} {x['zo_node']:20.0f} "
               f"{x['fo'] / 1e9:9.1f}G {m['zo_node']:15.2f} {m['fo_adam']:8.2f}")
+
+    if tta:
+        print(f"\n{'method':7} {'mode':10} {'P':>4} {'nodes':>5} {'s':>5} {'steps':>7} {'step s':>7} {'time s':>8}")
+        for r in tta:
+            print(f"{r['method']:7} {r['mode']:10} {r['params_b']:3.0f}B {r['nodes']:5d} {r['serial_fraction']:5.2f} "
+                  f"{r['steps']:7.0f} {r['step_s']:7.3f} {r['time_s']:8.0f}")
 
 
 if __name__ == "__main__":

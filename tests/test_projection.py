@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from projection import gather_s, project  # noqa: E402
+from projection import gather_s, measured_steps, project, serial_fraction, time_to_accuracy  # noqa: E402
 
 
 def _args(**over):
@@ -38,3 +38,33 @@ def test_only_scalars_cross_nodes_with_a_node_partition():
     assert one["zo_node_step_s"] == pytest.approx(4 * p * 8 * 256 / flops + gather_s(2 * p, 8, 300e9, 1e-5)
                                                   + 2 * 3 * 2e-5)
     assert one["mem_gib_per_gpu"]["fo_adam"] == pytest.approx(16 * p / 8 / 2**30)
+
+
+def test_the_serial_fraction_is_recovered_from_amdahl_shaped_steps():
+    for s in (0.0, 0.3, 1.0):
+        steps = {n: 400 * (s + (1 - s) / n) for n in (1, 2, 4)}
+        assert serial_fraction(steps) == pytest.approx(s, abs=1e-12)
+    assert serial_fraction({1: 100, 2: 150, 4: 300}) == 1.0   # slower with more nodes: clamped, no speed-up
+
+
+def test_time_to_accuracy_by_mode():
+    a = _args(rng_rate=1e11)
+    steps = {1: 400.0, 2: 200.0, 4: 100.0}            # s = 0: N times the directions, N times fewer steps
+    p = 7e9
+    base = project(p, 4, a)["zo_node_step_s"]
+    zo = time_to_accuracy(p, 4, "zo_act", "directions", steps, a)
+    assert zo["steps"] == pytest.approx(100) and zo["time_s"] == pytest.approx(100 * base)
+    assert zo["inter_node_bytes_per_step"] == 8 * (3 * 4 + 1)
+    mezo = time_to_accuracy(p, 4, "mezo", "directions", steps, a)   # 3 more draws of Z over the GPU's shard
+    assert mezo["step_s"] == pytest.approx(base + 3 * p / 8 / 1e11)
+    assert time_to_accuracy(p, 4, "mezo", "data", steps, a)["step_s"] == pytest.approx(base)
+    assert time_to_accuracy(p, 1, "zo_act", "data", steps, a)["inter_node_bytes_per_step"] == 0
+
+
+def test_measured_steps_count_a_run_that_never_reached_the_target_as_its_length():
+    runs = {"a": {"method": "zo_act", "nodes": 1, "mode": "data", "steps": 300,
+                  "steps_to_1node_final": {"dev_accuracy": 300}},
+            "b": {"method": "zo_act", "nodes": 4, "mode": "directions", "steps": 300,
+                  "steps_to_1node_final": {"dev_accuracy": None}}}
+    found = measured_steps({"runs": runs})
+    assert found[("zo_act", "data")] == {1: 300} and found[("zo_act", "directions")] == {1: 300, 4: 300}
