@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.common import environment, peak_rss_mb, reset_peak_rss  # noqa: E402
-from dszo import comm  # noqa: E402
+from dszo import comm, launcher  # noqa: E402
 from dszo.config import load_config, parse_overrides  # noqa: E402
 from dszo.data import StepSampler  # noqa: E402
 from dszo.assembly import build_run  # noqa: E402
@@ -69,7 +69,7 @@ def main():
     p.add_argument("--local_rank", type=int, default=None)
     a, rest = p.parse_known_args()
     fix_glibc_mmap_threshold()
-    comm.map_launcher_env()
+    launcher.map_launcher_env()
     comm.set_cpu_threads()
     over = parse_overrides(rest)
     over.setdefault("output_dir", "/tmp/dszo_bench_spine")

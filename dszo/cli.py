@@ -78,9 +78,10 @@ def run_command(command: str, argv: list[str]) -> int:
     from dszo import comm
     from dszo.assets import set_default_extension_dir
     from dszo.config import ConfigError
+    from dszo.launcher import map_launcher_env
 
     fix_glibc_mmap_threshold()
-    comm.map_launcher_env()
+    map_launcher_env()
     set_default_extension_dir()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

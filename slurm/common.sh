@@ -16,7 +16,7 @@ run() { if [ -n "${DRY_RUN:-}" ]; then printf '+'; printf ' %q' "$@"; printf '\n
 if command -v scontrol > /dev/null 2>&1; then
   mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 else
-  mapfile -t HOSTS < <("$VENV/bin/python" -m dszo.comm hostnames "$SLURM_JOB_NODELIST")
+  mapfile -t HOSTS < <("$VENV/bin/python" -m dszo.launcher hostnames "$SLURM_JOB_NODELIST")
 fi
 NNODES=${#HOSTS[@]}
 MASTER_ADDR="${MASTER_ADDR:-${HOSTS[0]}}"
