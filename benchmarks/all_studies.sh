@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every long study of issues 15 and 16, one after another, each resumable: interrupt it at any time (Ctrl-C, or
+# the end of a session) and run it again; finished runs are kept, interrupted ones resume from their checkpoint.
+#   1. benchmarks/method_comparison.sh   learning-rate probes of every method, then each at its best setting
+#                                        (2 seeds, test curves) -> benchmarks/results/method_comparison.{json,png}
+#   2. benchmarks/direction_scaling.sh   data vs direction parallelism at 1, 2, 4 nodes
+#                                        -> benchmarks/results/direction_scaling.{json,png}
+#   3. benchmarks/projection.py          time to accuracy on clusters from 2.
+# Hours on this 2-core machine (the probes ~2.5 h, the final runs ~5 h, the scaling study ~4 h).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash benchmarks/method_comparison.sh
+bash benchmarks/direction_scaling.sh
+.venv/bin/python benchmarks/projection.py
