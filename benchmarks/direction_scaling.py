@@ -12,7 +12,7 @@ Every run takes the same number of steps from the same start. On N nodes (one ra
 The tuned setting is the method's best learning rate from its probes (benchmarks/method_comparison.py).
 
 The accuracy runs are one process each, with all cores. That is the same run as N nodes, not an approximation:
-a run's trajectory does not depend on its world size (invariant I1, tests/test_invariants.py), and G direction
+a run's trajectory does not depend on its world size (invariant I1, tests/test_distributed.py), and G direction
 groups on one rank measure the same G directions on the same per-direction examples as G groups of nodes
 (tests/test_direction_groups.py: 2 simulated nodes = 1 rank, within fp32 rounding). Running N real processes on
 this 2-core machine would only make each step N times slower. What N nodes change is the wall time of a step,

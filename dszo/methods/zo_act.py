@@ -44,10 +44,15 @@ class ZOActConfig(MethodConfig):
     # Vᵀh has unit mean square over the calibration tokens, which makes zo_eps and the learning rate mean the
     # same in every layer (input norms differ by >100x across a Llama's layers); see README.
     basis_scale: Literal["orthonormal", "unit_rms"] = "orthonormal"
+    # Recompute the bases every N steps (0: never), on that step's batches under the trained adapters, each B
+    # re-expressed in its new basis (see ZOAct.refresh_bases). The basis drifts as B trains: after 100 steps at
+    # lr 1e-2 the down_proj bases' |cos| with the first ones fell to 0.60 (benchmarks/results/basis_drift.json).
+    basis_refresh_steps: int = 0
 
     def capabilities(self) -> Capabilities:
+        # a refreshed basis comes from the step's activations, not from (seed, g, lr): no seed replay
         return Capabilities(result_file="adapter.safetensors", exports_adapter=True,
-                            calibration_examples=self.num_calibration)
+                            calibration_examples=self.num_calibration, replayable=self.basis_refresh_steps == 0)
 
     def validate(self) -> None:
         super().validate()
@@ -57,6 +62,8 @@ class ZOActConfig(MethodConfig):
             raise ConfigError("method.num_calibration and method.calibration_batch_size must be >= 1")
         if self.basis_power_iters < 0 or self.basis_oversample < 0:
             raise ConfigError("method.basis_power_iters and method.basis_oversample must be >= 0")
+        if self.basis_refresh_steps < 0:
+            raise ConfigError(f"method.basis_refresh_steps must be >= 0 (0: never), got {self.basis_refresh_steps}")
 
 
 class Calibration:
@@ -82,10 +89,9 @@ class ZOActLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self._calibration.active:
+        if self._calibration.active:   # and the adapter below: a refresh sketches the trained model's activations
             h = x.reshape(-1, x.shape[-1])[self._calibration.token_mask].to(self.sketch_q.dtype)
             self.sketch_s += h.T @ (h @ self.sketch_q)
-            return y
         h = x.to(self.zo_V.dtype) @ self.zo_V                 # [..., r]: the only projection of x formed
         b, p = self.zo_B, self._perturbation
         if not p.active:
@@ -116,9 +122,9 @@ class ZOAct(DenseEstimateState, ZOMethod):
             self.compute_bases(runtime, calibration_batches)
         self.estimate = DenseEstimate(self.partitions, self.cfg)
 
-    def compute_bases(self, runtime: ZORuntime, batches: list) -> None:
+    def compute_bases(self, runtime: ZORuntime, batches: list) -> dict[str, torch.Tensor]:
         """V = top-r eigenvectors of Σ h hᵀ over the calibration data of all ranks (randomized power
-        iteration on all-reduced sketches, then a Nyström step)."""
+        iteration on all-reduced sketches, then a Nyström step). Returns every layer's whole V (float64)."""
         m = self.cfg.method
         for name, a in self.adapters.items():
             n = a.base.in_features
@@ -126,6 +132,7 @@ class ZOAct(DenseEstimateState, ZOMethod):
             start = gaussian(mix(self.run_seed, _BASIS_STREAM), tensor_key(f"{name}.zo_V"), 0, n * k)
             a.sketch_q = orthonormalize(start.view(n, k).double())
         tokens = sum(int(b.token_mask().sum()) for b in batches)
+        bases = {}
         for it in range(m.basis_power_iters + 1):
             flat = self._sketch_pass(runtime, batches, tokens)
             total_tokens, offset = float(flat[-1]), 0
@@ -135,7 +142,8 @@ class ZOAct(DenseEstimateState, ZOMethod):
                 if it < m.basis_power_iters:
                     a.sketch_q = orthonormalize(s)
                 else:
-                    self._set_basis(runtime, name, a, s, total_tokens)
+                    bases[name] = self._set_basis(runtime, name, a, s, total_tokens)
+        return bases
 
     def _sketch_pass(self, runtime: ZORuntime, batches: list, tokens: int) -> torch.Tensor:
         """Σ h hᵀ Q of every layer over this rank's calibration batches, all-reduced (with the token count)."""
@@ -152,7 +160,7 @@ class ZOAct(DenseEstimateState, ZOMethod):
                                                 + [torch.tensor([float(tokens)], dtype=torch.float64)]))
 
     def _set_basis(self, runtime: ZORuntime, name: str, a: ZOActLinear, sketch: torch.Tensor,
-                   total_tokens: float) -> None:
+                   total_tokens: float) -> torch.Tensor:
         m = self.cfg.method
         v, evals = nystrom_basis(a.sketch_q, sketch, m.rank)
         if m.basis_scale == "unit_rms":  # Vᵀh gets unit mean square over the calibration tokens
@@ -161,6 +169,53 @@ class ZOAct(DenseEstimateState, ZOMethod):
         part = runtime.partition(f"{name}.zo_V", a.zo_V)
         part.local.copy_(v.reshape(-1)[part.start:part.end].to(part.local.dtype))
         a.sketch_q = a.sketch_s = None
+        return v.to(part.local.dtype).double()   # the V the layers use, rounded as stored
+
+    def begin_step(self, t: int, micro_batches: list, runtime: ZORuntime) -> None:
+        every = self.cfg.method.basis_refresh_steps
+        if every and t and t % every == 0:
+            self.refresh_bases(runtime, micro_batches)
+
+    def refresh_bases(self, runtime: ZORuntime, batches: list) -> None:
+        """New bases from `batches` (this step's, on every rank) under the current adapters, and every B
+        re-expressed in its layer's new basis: B' = B T, T = VᵀV' (V'ᵀV')⁻¹, the least-squares fit of B'V'ᵀ to
+        BVᵀ -- the layer's function is unchanged on the span the old and new bases share, and loses only the part
+        of BVᵀ the new basis no longer spans. Adam's moments follow the coefficients: m T and v (T∘T) (exact
+        where T is a signed permutation, as when a basis vector only changes sign or order)."""
+        old = {n: self.fixed_partitions[f"{n}.zo_V"].local.to(torch.float64, copy=True) for n in self.adapters}
+        new = self.compute_bases(runtime, batches)
+        r = self.cfg.method.rank
+        cross = []   # VᵀV' from this rank's elements of V (row-major n x r), summed over ranks
+        for n, v in new.items():
+            part = self.fixed_partitions[f"{n}.zo_V"]
+            idx = torch.arange(part.start, part.end, device=v.device)
+            cross.append(torch.zeros(r, r, dtype=torch.float64, device=v.device)
+                         .index_add_(0, idx % r, old[n].to(v.device)[:, None] * v[idx // r]).reshape(-1))
+        cross = runtime.all_reduce_sum(torch.cat(cross)).view(-1, r, r)
+        self._mix_coefficients(runtime, {n: torch.linalg.solve(v.T @ v, c.T).T   # c (V'ᵀV')⁻¹; V'ᵀV' symmetric
+                                         for (n, v), c in zip(new.items(), cross)})
+
+    def _mix_coefficients(self, runtime: ZORuntime, mix: dict[str, torch.Tensor]) -> None:
+        """B ← B T per layer, with Adam's moments, on this rank's slices of the row-major m x r tensors: each
+        tensor is assembled whole by one all-reduce (they are small: the trained coefficients), mixed, re-sliced."""
+        state = self.estimate.optimizer.state
+        pieces = []   # (this rank's slice, the partition, T or T∘T)
+        for n, t in mix.items():
+            part = self.partitions[f"{n}.zo_B"]
+            pieces.append((part.local, part, t))
+            pieces += [(moment, part, t * t if key == "exp_avg_sq" else t)
+                       for key, moment in sorted(state.get(f"{n}.zo_B", {}).items())]
+        sizes = [part.numel for _, part, _ in pieces]
+        whole = torch.zeros(sum(sizes), dtype=torch.float64, device=pieces[0][0].device)
+        offset = 0
+        for (local, part, _), size in zip(pieces, sizes):
+            whole[offset + part.start:offset + part.end] = local.double()
+            offset += size
+        whole, offset = runtime.all_reduce_sum(whole), 0
+        for (local, part, t), size in zip(pieces, sizes):
+            mixed = whole[offset:offset + size].view(part.shape) @ t.to(whole.device)
+            local.copy_(mixed.reshape(-1)[part.start:part.end])
+            offset += size
 
     def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
         m = self.cfg.method   # functional: one forward over [batch; batch] gives L+ and L-; else two forwards
