@@ -7,7 +7,8 @@ finished ZO-Act run (its adapter: B and V):
 
   resample   |cos(V_run, V_base(F))|       the run's basis vs the base model's basis on fresh sentences F
   refresh    |cos(V_run, V_trained(F))|    ... vs the basis a refresh would compute now: the trained model
-                                           (W + B Vᵀ merged, fp32) on the same fresh sentences F
+                                           (W + B Vᵀ merged into the fp32 base, whatever base the run
+                                           trained on) on the same fresh sentences F
   drift      |cos(V_base(F), V_trained(F))|  what training alone changed, sentences held fixed
 
 per adapted layer (rank r > 1: the mean squared cosine of the principal angles, ‖V₁ᵀV₂‖²_F / r, with each basis
