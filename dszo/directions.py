@@ -34,6 +34,10 @@ ALIGN = 64           # counters: ranges start and end on multiples (2 x 16 fp32 
 # Counters per block: under ATen's grain of 32768 elements (one thread) and within a CPU's L2 cache; on an
 # accelerator one pass is cheaper. Both multiples of ALIGN.
 CPU_BLOCK, DEVICE_BLOCK = 1 << 13, 1 << 22
+# Rademacher on CPU: 4,096 counters (512 Ki signs) a block, so that its largest temporaries (the sign bytes,
+# 512 KiB) stay under glibc's mmap threshold, which dszo pins at 1 MiB (cli.fix_glibc_mmap_threshold): they are
+# reused from the heap instead of being mapped, page-faulted and zeroed afresh for every block.
+SIGN_CPU_BLOCK = 1 << 12
 
 
 def _splitmix64(x: int) -> int:
@@ -101,17 +105,18 @@ def _normals(counter: torch.Tensor, key: int) -> torch.Tensor:
     return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1).permute(1, 0, 2).reshape(-1)
 
 
-def _signs(counter: torch.Tensor, key: int) -> torch.Tensor:
-    """128 Rademacher values (±1, fp32) per counter: the 4 x 32 bits of its Philox output, word by word, low bit
-    first (bit 1 -> -1). Integer work only, so the values are identical on every device and for every slice. The
-    words are read as little-endian bytes (one byte op per 8 values; the int64 words first wrap to int32)."""
+def _sign_bits(counter: torch.Tensor, key: int) -> torch.Tensor:
+    """128 Rademacher bits (uint8 0/1; the value is 1 - 2·bit) per counter: the 4 x 32 bits of its Philox output,
+    word by word, low bit first. Integer work only, so the values are identical on every device and for every
+    slice. The words are read as little-endian bytes (one byte op per 8 values; the int64 words first wrap to
+    int32)."""
     zero = torch.zeros_like(counter)
     words = torch.stack(philox4x32([counter & _M32, counter >> 32, zero, zero], key), -1)      # [n, 4]
     as_bytes = words.to(torch.int32).view(torch.uint8).view(-1, 16, 1)                            # [n, 16, 1]
     if sys.byteorder != "little":
         as_bytes = as_bytes.view(-1, 4, 4).flip(-1).reshape(-1, 16, 1)
     bits = (as_bytes >> torch.arange(8, dtype=torch.uint8, device=counter.device)) & 1          # [n, 16, 8]
-    return bits.reshape(-1).to(torch.float32).mul_(-2).add_(1)
+    return bits.reshape(-1)
 
 
 _FUSED: list = []
@@ -130,39 +135,43 @@ def _fused_kernels():
     return _FUSED[0]
 
 
-KINDS = {"gaussian": (_normals, 4), "rademacher": (_signs, 128)}   # values per counter
+KINDS = {"gaussian": (_normals, 4), "rademacher": (_sign_bits, 128)}   # values per counter
 
 
-def direction(kind: str, seed: int, key: int, start: int, end: int, dtype=torch.float32, device=None) -> torch.Tensor:
+def direction(kind: str, seed: int, key: int, start: int, end: int, dtype=torch.float32, device=None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Elements [start, end) of tensor `key`'s direction for `seed`: standard normal (`gaussian`) or ±1 with
     probability 1/2 each (`rademacher`: E[z zᵀ] = I as for Gaussians, so SPSA stays unbiased; no log/sin/cos and
-    one Philox call per 128 values instead of per 4 -- the cheap choice for dense directions on CPUs)."""
+    one Philox call per 128 values instead of per 4 -- the cheap choice for dense directions on CPUs). Written into
+    `out` (end - start elements of `dtype` on `device`) where given: hot loops reuse one buffer."""
     device = torch.device(device if device is not None else "cpu")
     if end <= start:
         return torch.empty(0, dtype=dtype, device=device)
     philox_key = mix(seed, key)
     fused = _fused_kernels() if device.type == "cuda" else None
     if fused is not None:   # one Triton kernel: Philox and the transform in registers (dszo/directions_triton.py)
-        return fused.draw(kind, philox_key, start, end, device).to(dtype)
-    return torch_ops_direction(kind, philox_key, start, end, dtype, device)
+        values = fused.draw(kind, philox_key, start, end, device)
+        return values.to(dtype) if out is None else out.copy_(values)
+    return torch_ops_direction(kind, philox_key, start, end, dtype, device, out)
 
 
-def torch_ops_direction(kind: str, philox_key: int, start: int, end: int, dtype, device) -> torch.Tensor:
+def torch_ops_direction(kind: str, philox_key: int, start: int, end: int, dtype, device,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """The direction from torch operations, on any device (the reference the fused kernels are tested against)."""
     fn, per = KINDS[kind]
     device = torch.device(device)
-    # Counters per block: the bound on CPU blocks keeps Box–Muller's float kernels inside one ATen grain; the
-    # integer-only signs have no such concern and take as many counters (128 values each).
-    block = CPU_BLOCK if device.type == "cpu" else DEVICE_BLOCK
+    # Counters per block: the bound on CPU blocks keeps Box–Muller's float kernels inside one ATen grain, and the
+    # signs' byte temporaries under the mmap threshold (SIGN_CPU_BLOCK).
+    block = DEVICE_BLOCK if device.type != "cpu" else SIGN_CPU_BLOCK if kind == "rademacher" else CPU_BLOCK
     first = start // per // ALIGN * ALIGN                        # aligned counters that hold [start, end)
     last = -(-((end - 1) // per + 1) // ALIGN) * ALIGN
-    out = torch.empty(end - start, dtype=dtype, device=device)
+    out = torch.empty(end - start, dtype=dtype, device=device) if out is None else out
     for c0 in range(first, last, block):
         c1 = min(last, c0 + block)
         values = fn(torch.arange(c0, c1, dtype=torch.int64, device=device), philox_key)
         lo, hi = max(start, per * c0), min(end, per * c1)
         out[lo - start:hi - start] = values[lo - per * c0:hi - per * c0]
-    return out
+    return out.mul_(-2).add_(1) if kind == "rademacher" else out   # bits -> ±1, in place: exact in any float
 
 
 def gaussian(seed: int, key: int, start: int, end: int, dtype=torch.float32, device=None) -> torch.Tensor:

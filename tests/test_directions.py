@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dszo.directions import CPU_BLOCK, direction, direction_seed, gaussian, mix, philox4x32, step_seed, tensor_key
+from dszo.directions import CPU_BLOCK, SIGN_CPU_BLOCK, direction, direction_seed, gaussian, mix, philox4x32, step_seed, tensor_key
 from tolerances import LAMBDA
 
 CHUNK = 4 * CPU_BLOCK  # normals per block of counters: slices across block boundaries below
@@ -96,7 +96,7 @@ def test_rademacher_values_are_the_philox_bits_low_bit_first():
         assert z[i] == (-1.0 if bit else 1.0), i
 
 
-SIGN_BLOCK = 128 * CPU_BLOCK  # values per block of counters
+SIGN_BLOCK = 128 * SIGN_CPU_BLOCK  # values per block of counters
 
 
 @pytest.mark.parametrize("start,end", [(0, 1), (5, 300), (127, 129), (1000, 70001),

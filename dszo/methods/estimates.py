@@ -13,12 +13,28 @@ from dszo.methods.base import Partition
 from dszo.optim import PartitionOptimizer
 
 
-def dense_direction(dseed: int, part: Partition, lo: int = 0, hi: int | None = None, kind: str = "gaussian"
-                    ) -> torch.Tensor:
+def dense_direction(dseed: int, part: Partition, lo: int = 0, hi: int | None = None, kind: str = "gaussian",
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Elements [lo, hi) of this rank's partition (default: all of it) of the dense Gaussian direction `dseed`."""
     hi = part.local.numel() if hi is None else hi
     return direction(kind, dseed, part.key, part.start + lo, part.start + hi, dtype=part.local.dtype,
-                     device=part.local.device)
+                     device=part.local.device, out=out)
+
+
+class Scratch:
+    """Buffers reused across slices and steps: a temporary above glibc's mmap threshold (1 MiB, pinned by dszo)
+    is mapped, page-faulted and zeroed afresh each time it is allocated, which cost MeZO's CPU step as much
+    system time as compute."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.dtype, like.device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n]
 
 
 class DenseEstimate:
@@ -34,6 +50,7 @@ class DenseEstimate:
         self.optimizer = PartitionOptimizer(cfg.optim, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
                                             cfg.momentum, cfg.weight_decay, no_decay=no_decay)
         self.pending: list[tuple[int, float]] = []   # this step's directions and their coefficients
+        self.scratch = Scratch()
 
     def accumulate(self, dseed: int, coeff: float) -> None:
         self.pending.append((dseed, coeff))
@@ -44,9 +61,10 @@ class DenseEstimate:
             n = part.local.numel()
             for lo in range(0, n, self.SLICE):
                 hi = min(n, lo + self.SLICE)
-                grad = torch.zeros(hi - lo, dtype=part.local.dtype, device=part.local.device)
+                grad = self.scratch.get("grad", hi - lo, part.local).zero_()
+                z = self.scratch.get("z", hi - lo, part.local)
                 for dseed, coeff in self.pending:   # only the slice of Z this rank owns, a piece at a time
-                    grad.add_(dense_direction(dseed, part, lo, hi, self.kind), alpha=coeff)
+                    grad.add_(dense_direction(dseed, part, lo, hi, self.kind, out=z), alpha=coeff)
                 self.optimizer.update(name, part.local[lo:hi], grad, lr, slice(lo, hi), n)
         self.discard()
 

@@ -11,6 +11,7 @@ cannot be applied to half a batch. Weight decay, as in the reference implementat
 from __future__ import annotations
 
 import fnmatch
+from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -83,6 +84,7 @@ class MeZO(DenseEstimateState, ZOMethod):
         names = {id(p): n for n, p in self.params.items()}
         self.reached: set[str] = set()                   # trained tensors a perturbed forward has gone through
         self.saved: list[tuple[nn.Module, dict]] = []   # per hooked module: attribute -> θ while perturbed
+        self.spare: dict[tuple, list[torch.Tensor]] = defaultdict(list)   # θ ± εZ buffers between modules
         for module in self.model.modules():
             owned = [(attr, names[id(p)]) for attr, p in module.named_parameters(recurse=False) if id(p) in names]
             if owned:
@@ -106,20 +108,28 @@ class MeZO(DenseEstimateState, ZOMethod):
             param.data = self._shifted(theta, tensor_key(name))
 
     def _shifted(self, theta: torch.Tensor, key: int) -> torch.Tensor:
-        """θ ± εZ as a new tensor, Z drawn a slice at a time: the only full-size temporary is the result."""
+        """θ ± εZ, Z drawn a slice at a time into a reused buffer; the result goes into a buffer of θ's shape that
+        earlier forwards used (`spare`: one per shape, or per nesting level where modules with trained weights
+        nest), so that a step maps and page-faults no fresh memory for them."""
         p, n = self.perturbation, theta.numel()
-        out = torch.empty_like(theta)
+        spare = self.spare[(theta.shape, theta.dtype, theta.device)]
+        out = spare.pop() if spare else torch.empty_like(theta)
         flat_in, flat_out = theta.reshape(-1), out.view(-1)
         for lo in range(0, n, DenseEstimate.SLICE):
             hi = min(n, lo + DenseEstimate.SLICE)
-            z = direction(p.kind, p.seed, key, lo, hi, dtype=theta.dtype, device=theta.device)
+            z = direction(p.kind, p.seed, key, lo, hi, dtype=theta.dtype, device=theta.device,
+                          out=self.estimate.scratch.get("z", hi - lo, theta))
             torch.add(flat_in[lo:hi], z, alpha=p.sign * p.eps, out=flat_out[lo:hi])
         return out
 
-    @staticmethod
-    def _restored(saved: dict, module: nn.Module, args=None, output=None) -> None:
+    def _restored(self, saved: dict, module: nn.Module, args=None, output=None) -> None:
+        outputs = output if isinstance(output, (tuple, list)) else [output]
+        taken = {o.untyped_storage().data_ptr() for o in outputs if isinstance(o, torch.Tensor)}
         for attr in list(saved):
-            getattr(module, attr).data = saved.pop(attr)
+            param = getattr(module, attr)
+            shifted, param.data = param.data, saved.pop(attr)
+            if shifted.untyped_storage().data_ptr() not in taken:   # a module that returns (a view of) its weight
+                self.spare[(shifted.shape, shifted.dtype, shifted.device)].append(shifted)   # keeps its buffer
 
     def losses(self, t: int, dseed: int, batch, runtime: ZORuntime) -> tuple[float, float, int]:
         try:

@@ -72,3 +72,47 @@ def test_a_weight_used_outside_its_module_is_refused_not_left_unperturbed():
     m.setup(runtime, [])
     with pytest.raises(ConfigError, match="not used there .*a.weight.*leave them out of method.trainable"):
         m.losses(0, 5, torch.randn(2, 6), runtime)
+
+
+class ReturnsItsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, x):
+        return self.table[: x.shape[0]]   # a view of the (perturbed) weight, alive after this module's forward
+
+
+class TwoTables(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p, self.q = ReturnsItsWeight(), ReturnsItsWeight()
+
+    def forward(self, x):
+        return self.p(x) + self.q(x)   # p's output is read after q's forward has run
+
+
+def test_perturbed_buffers_are_reused_between_modules_but_never_one_that_an_output_still_views():
+    torch.manual_seed(1)
+    model, x = TwoTables(), torch.randn(3, 6)
+    cfg = TrainConfig(optim="sgd")
+    cfg.method = method_config_class("mezo")()
+    m = get_method("mezo")(cfg, run_seed=3)
+    m.attach(model)
+    m.setup(LocalRuntime(model), [])
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    want = sum(torch.add(theta[n], gaussian(5, tensor_key(n), 0, 24).view(4, 6), alpha=1e-2)[:3] for n in theta)
+    for _ in range(2):   # the second forward finds the first's buffers
+        m.perturbation.set(seed=5, eps=1e-2, sign=1.0)
+        with torch.no_grad():
+            got = model(x)
+        m.perturbation.off()
+        assert torch.equal(got, want)
+    for table in (model.p, model.q):   # outputs that are not the weight: one buffer serves both, every forward
+        table.forward = lambda x, t=table: t.table.sum() + x
+    m.perturbation.set(seed=5, eps=1e-2, sign=1.0)
+    with torch.no_grad():
+        model(x)
+        model(x)
+    m.perturbation.off()
+    assert len(m.spare[(torch.Size([4, 6]), torch.float32, torch.device("cpu"))]) == 1
