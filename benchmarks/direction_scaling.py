@@ -69,8 +69,9 @@ def plan() -> None:
 
 
 def steps_to_reach(curve: list, per_step: float, target: float, lower_is_better: bool) -> float | None:
-    """The first evaluated step at which the curve reaches the target (None: never within the run)."""
-    for x, y in curve:
+    """The first evaluated step at which the curve ([example-forwards, mean over seeds, ...] points) reaches the
+    target (None: never within the run)."""
+    for x, y, *_ in curve:
         if y is not None and (y <= target if lower_is_better else y >= target):
             return x / per_step
     return None

@@ -1,0 +1,37 @@
+"""benchmarks/direction_scaling.py's report: runs grouped by method, nodes and mode from the sweep summaries, and
+the steps each run took to reach the 1-node run's final dev accuracy (what benchmarks/projection.py reads)."""
+from __future__ import annotations
+
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks import direction_scaling as ds  # noqa: E402
+from projection import measured_steps  # noqa: E402
+
+
+def _row(nodes: int, groups: int, accuracy_by_step: dict[int, float], steps: int = 300) -> dict:
+    per_step = 2 * ds.BATCH * nodes   # example-forwards a step: every example at +eps and -eps
+    curve = lambda f: [[t * per_step, f(a)] for t, a in sorted(accuracy_by_step.items())]  # noqa: E731
+    final = accuracy_by_step[max(accuracy_by_step)]
+    return {"state": "done", "name": f"n{nodes}g{groups}", "seed": 42, "learning_rate": 3e-3,
+            "per_device_train_batch_size": ds.BATCH * nodes, "direction_groups": groups, "steps": steps,
+            "example_forwards": per_step * steps, "test_accuracy": final - 0.01, "test_majority_rate": 0.6,
+            "dev_accuracy_after": final, "dev_loss_after": 1 - final, "mean_step_s": 1.0 * nodes,
+            "dev_curve": curve(lambda a: a), "dev_loss_curve": curve(lambda a: 1 - a)}
+
+
+def test_steps_to_the_one_node_accuracy_per_mode(monkeypatch):
+    rows = [_row(1, 1, {0: 0.58, 150: 0.65, 300: 0.70}),
+            _row(4, 1, {0: 0.58, 150: 0.69, 300: 0.72}),            # data x 4: never quite there by step 150
+            _row(4, 4, {0: 0.58, 100: 0.70, 200: 0.74, 300: 0.75})]  # directions x 4: there at step 100
+    monkeypatch.setattr(ds, "_summary", lambda name: ({}, rows if name == "scaling_zo_act" else []))
+    table = ds._table()
+    assert sorted(table) == ["zo_act n=1 data", "zo_act n=4 data", "zo_act n=4 directions"]
+    reach = {k: r["steps_to_1node_final"]["dev_accuracy"] for k, r in table.items()}
+    assert reach == {"zo_act n=1 data": 300, "zo_act n=4 data": 300, "zo_act n=4 directions": 100}
+    assert table["zo_act n=4 directions"]["steps_to_1node_final"]["dev_loss"] == 100
+    found = measured_steps({"runs": table})
+    assert found[("zo_act", "directions")] == {1: 300, 4: 100} and found[("zo_act", "data")] == {1: 300, 4: 300}
