@@ -1,5 +1,7 @@
-"""benchmarks/direction_scaling.py's report: runs grouped by method, nodes and mode from the sweep summaries, and
-the steps each run took to reach the 1-node run's final dev accuracy (what benchmarks/projection.py reads)."""
+"""The long studies' reports, on made-up sweep summaries (the studies take hours; their reports must not fail at
+the end): benchmarks/direction_scaling.py -- runs grouped by method, nodes and mode, and the steps each took to
+reach the 1-node run's final dev accuracy (what benchmarks/projection.py reads) -- and
+benchmarks/method_comparison.py -- curves over seeds, the results file and the plot."""
 from __future__ import annotations
 
 import sys
@@ -35,3 +37,23 @@ def test_steps_to_the_one_node_accuracy_per_mode(monkeypatch):
     assert table["zo_act n=4 directions"]["steps_to_1node_final"]["dev_loss"] == 100
     found = measured_steps({"runs": table})
     assert found[("zo_act", "directions")] == {1: 300, 4: 100} and found[("zo_act", "data")] == {1: 300, 4: 300}
+
+
+def test_the_method_comparison_report_from_its_final_sweeps(monkeypatch, tmp_path):
+    import json
+
+    from benchmarks import method_comparison as mc
+
+    def rows(m, acc):
+        return [{"state": "done", "name": f"s{seed}", "seed": seed, "learning_rate": 1e-3, "test_accuracy": acc + d,
+                 "dev_accuracy_after": acc, "test_majority_rate": 0.604, "example_forwards": 12800, "wall_s": 600.0,
+                 "mean_step_s": 1.5, "test_curve": [[0, 0.6], [6400, acc - 0.02 + d], [12800, acc + d]],
+                 "dev_curve": [[0, 0.58], [12800, acc]]} for seed, d in ((42, 0.0), (43, 0.02))]
+
+    finals = {"final_zo_act": rows("zo_act", 0.70), "final_mezo": rows("mezo", 0.65)}
+    monkeypatch.setattr(mc, "_summary", lambda name: ({}, finals.get(name, [])))
+    mc.report(tmp_path / "c.json", tmp_path / "c.png")
+    d = json.loads((tmp_path / "c.json").read_text())["methods"]
+    assert sorted(d) == ["mezo", "zo_act"] and d["zo_act"]["seeds"] == [42, 43]
+    assert d["zo_act"]["test_curve"][-1] == [12800, 0.71, 0.70, 0.72]   # mean, min, max over the seeds
+    assert (tmp_path / "c.png").stat().st_size > 0
