@@ -126,3 +126,12 @@ def test_every_override_value_reaches_the_run_unchanged():
     overrides = {**{f"data.{k}": v for k, v in data.items()}, "method.target_modules": ["down_proj"], **rest}
     assert parse_overrides(sweep._args(overrides)) == {"data": data, "method": {"target_modules": ["down_proj"]},
                                                       **rest}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_sweep_spec_expands_into_valid_configs(path, monkeypatch):
+    """A committed spec that fails only when its turn comes, hours into a chain of studies, costs those hours."""
+    monkeypatch.chdir(REPO)
+    spec = sweep.load_spec(path)
+    for point in sweep.expand(spec):
+        sweep._config(spec.config, {**spec.overrides, **point.overrides})
