@@ -18,7 +18,7 @@ def orthonormalize(s: torch.Tensor) -> torch.Tensor:
 def canonical_signs(v: torch.Tensor) -> torch.Tensor:
     """Flip each column so its largest-magnitude entry is positive (eigenvectors are defined up to sign)."""
     idx = v.abs().argmax(dim=0)
-    signs = torch.sign(v[idx, torch.arange(v.shape[1])])
+    signs = torch.sign(v[idx, torch.arange(v.shape[1], device=v.device)])
     signs[signs == 0] = 1
     return v * signs
 
@@ -36,8 +36,8 @@ def nystrom_basis(q: torch.Tensor, s: torch.Tensor, r: int) -> tuple[torch.Tenso
     f = s @ (w[:, keep] / lam[keep].sqrt())          # Σ_nys = F Fᵀ
     u, sig, _ = torch.linalg.svd(f, full_matrices=False)
     r_eff = min(r, u.shape[1])
-    v = torch.zeros(q.shape[0], r, dtype=torch.float64)
-    evals = torch.zeros(r, dtype=torch.float64)
+    v = torch.zeros(q.shape[0], r, dtype=torch.float64, device=q.device)
+    evals = torch.zeros(r, dtype=torch.float64, device=q.device)
     v[:, :r_eff], evals[:r_eff] = canonical_signs(u[:, :r_eff]), sig[:r_eff] ** 2
     return v, evals
 

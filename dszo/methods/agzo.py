@@ -113,7 +113,8 @@ class AGZO(ZOMethod):
         q = {}
         for name, layer in self.layers.items():
             n = layer.base.in_features
-            q[name] = gaussian(mix(self.run_seed, _OMEGA_STREAM, t), tensor_key(name), 0, n * r).view(n, r)
+            q[name] = gaussian(mix(self.run_seed, _OMEGA_STREAM, t), tensor_key(name), 0, n * r).view(n, r).to(
+                h[name].device)   # drawn on the CPU (the same start on every device), used on the activations' device
         for _ in range(self.cfg.method.power_iters + 1):
             sketches = [h[n].T @ (h[n] @ q[n]) for n in self.layers]
             flat = runtime.all_reduce_sum(torch.cat([s.reshape(-1) for s in sketches]))

@@ -130,7 +130,8 @@ class ZOAct(DenseEstimateState, ZOMethod):
             n = a.base.in_features
             k = sketch_width(n, m.rank, m.basis_oversample)
             start = gaussian(mix(self.run_seed, _BASIS_STREAM), tensor_key(f"{name}.zo_V"), 0, n * k)
-            a.sketch_q = orthonormalize(start.view(n, k).double())
+            # drawn on the CPU (the same start on every device), iterated on the layer's own device
+            a.sketch_q = orthonormalize(start.view(n, k).double().to(a.zo_V.device))
         tokens = sum(int(b.token_mask().sum()) for b in batches)
         bases = {}
         for it in range(m.basis_power_iters + 1):
@@ -156,8 +157,9 @@ class ZOAct(DenseEstimateState, ZOMethod):
                 runtime.forward(batch)
         finally:
             self.calibration.active = False
-        return runtime.all_reduce_sum(torch.cat([a.sketch_s.reshape(-1) for a in self.adapters.values()]
-                                                + [torch.tensor([float(tokens)], dtype=torch.float64)]))
+        sketches = [a.sketch_s.reshape(-1) for a in self.adapters.values()]
+        count = torch.tensor([float(tokens)], dtype=torch.float64, device=sketches[0].device)
+        return runtime.all_reduce_sum(torch.cat(sketches + [count]))
 
     def _set_basis(self, runtime: ZORuntime, name: str, a: ZOActLinear, sketch: torch.Tensor,
                    total_tokens: float) -> torch.Tensor:
