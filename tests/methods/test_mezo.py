@@ -19,14 +19,20 @@ class Tied(nn.Module):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
-def test_forward_under_perturbation_equals_written_weights_and_theta_is_untouched():
-    torch.manual_seed(0)
-    model, x = Tied(), torch.randn(4, 6)
+def _mezo(model):
+    """MeZO (SGD) attached to `model` and set up in one process."""
     cfg = TrainConfig(optim="sgd")
     cfg.method = method_config_class("mezo")()
     m = get_method("mezo")(cfg, run_seed=3)
     m.attach(model)
     m.setup(LocalRuntime(model), [])
+    return m
+
+
+def test_forward_under_perturbation_equals_written_weights_and_theta_is_untouched():
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(4, 6)
+    m = _mezo(model)
     assert set(m.trainable()) == {"a.weight", "c.weight", "c.bias"}   # the tied weight once
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     for sign in (+1.0, -1.0):
@@ -95,11 +101,7 @@ class TwoTables(nn.Module):
 def test_perturbed_buffers_are_reused_between_modules_but_never_one_that_an_output_still_views():
     torch.manual_seed(1)
     model, x = TwoTables(), torch.randn(3, 6)
-    cfg = TrainConfig(optim="sgd")
-    cfg.method = method_config_class("mezo")()
-    m = get_method("mezo")(cfg, run_seed=3)
-    m.attach(model)
-    m.setup(LocalRuntime(model), [])
+    m = _mezo(model)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     want = sum(torch.add(theta[n], gaussian(5, tensor_key(n), 0, 24).view(4, 6), alpha=1e-2)[:3] for n in theta)
     for _ in range(2):   # the second forward finds the first's buffers
