@@ -283,10 +283,11 @@ def validate(cfg: TrainConfig) -> None:
     cfg.method.check_model(cfg.model)
     d = cfg.data
     from dszo.tasks import REGISTRY
+    from dszo.tasks.sources import BUNDLED
 
     need(d.task in REGISTRY, f"unknown data.task {d.task!r}; choose one of {', '.join(sorted(REGISTRY))}")
     task = REGISTRY[d.task]
-    bundled = d.task in ("rotten_tomatoes", "trec")   # rows from an installed package, the prompt from the config
+    bundled = d.task in BUNDLED   # rows from an installed package, the prompt from the config
     if bundled or d.task in ("custom", "jsonl", "csv"):
         need(d.choices_field or len(d.candidates) == len(d.labels) >= 2,
              f"data.candidates ({len(d.candidates)}) and data.labels ({len(d.labels)}) must have the same length >= 2")
