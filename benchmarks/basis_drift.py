@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from dszo.assets import resolve_model_path  # noqa: E402
 from dszo.data import EncodedSplit, PromptEncoder, StepSampler  # noqa: E402
-from dszo.export import _load_run, lora_pairs  # noqa: E402
+from dszo.export import load_run, lora_pairs  # noqa: E402
 from dszo.methods import get_method  # noqa: E402
 from dszo.scoring import Scorer  # noqa: E402
 from dszo.subspace import orthonormalize  # noqa: E402
@@ -74,7 +74,7 @@ def overlap(v1: torch.Tensor, v2: torch.Tensor) -> float:
 
 
 def measure(run: Path) -> dict:
-    cfg, tensors = _load_run(run)
+    cfg, tensors = load_run(run)
     if cfg.method.name != "zo_act":
         raise SystemExit(f"{run}: a {cfg.method.name} run; the basis belongs to ZO-Act")
     pairs = lora_pairs(tensors)   # module -> (Vᵀ, B)

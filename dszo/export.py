@@ -26,7 +26,8 @@ from dszo.outputs import result_path
 ADAPTER_SUFFIXES = (".zo_B", ".zo_V")
 
 
-def _load_run(run: Path):
+def load_run(run: Path):
+    """(config, trained tensors) of a finished run (also read by benchmarks/basis_drift.py)."""
     from safetensors import safe_open
 
     cfg = load_config(str(run / "config.yaml"))
@@ -47,7 +48,7 @@ def export_peft(run: Path, out: Path) -> Path:
 
     from dszo.assets import resolve_model_path
 
-    cfg, tensors = _load_run(run)
+    cfg, tensors = load_run(run)
     if not cfg.method.capabilities().exports_adapter:
         raise ConfigError(f"method {cfg.method.name} trains the weights themselves, not an adapter: use --format merged")
     pairs = lora_pairs(tensors)
@@ -71,7 +72,7 @@ def export_merged(run: Path, out: Path) -> Path:
 
     from dszo.assets import resolve_model_path
 
-    cfg, tensors = _load_run(run)
+    cfg, tensors = load_run(run)
     if cfg.model.quantization != "none":
         raise ConfigError(f"the run's base is {cfg.model.quantization}-quantized: W + B Vᵀ cannot be stored in it "
                           "exactly; export the adapter (--format peft) and load it onto the base")
