@@ -8,10 +8,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash benchmarks/method_tuning.sh || echo "[method_comparison] some probes failed; planning from the finished ones" >&2
 .venv/bin/python benchmarks/method_comparison.py plan
-for m in ${METHODS:-zo_act mezo lozo agzo first_order lozo_m}; do
-  [ -f "sweeps/final_$m.yaml" ] || continue
-  HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/final_$m.yaml"
-  mkdir -p "benchmarks/results/sweeps/final_$m"
-  cp runs/sweeps/final_$m/summary.* "benchmarks/results/sweeps/final_$m/" 2>/dev/null
+# Two passes: the first seed of every method, then the rest, so that an interrupted chain leaves a complete
+# one-seed comparison rather than two seeds of the first methods only.
+METHOD_LIST=${METHODS:-zo_act mezo lozo agzo first_order lozo_m}
+for pass in first all; do
+  for m in $METHOD_LIST; do
+    [ -f "sweeps/final_$m.yaml" ] || continue
+    if [ "$pass" = first ]; then point=(--point 0); else point=(); fi
+    HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/final_$m.yaml" "${point[@]}"
+    mkdir -p "benchmarks/results/sweeps/final_$m"
+    cp runs/sweeps/final_$m/summary.* "benchmarks/results/sweeps/final_$m/" 2>/dev/null
+  done
 done
 .venv/bin/python benchmarks/method_comparison.py report
