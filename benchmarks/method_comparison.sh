@@ -18,6 +18,6 @@ for pass in first all; do
     HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/final_$m.yaml" "${point[@]}"
     mkdir -p "benchmarks/results/sweeps/final_$m"
     cp runs/sweeps/final_$m/summary.* "benchmarks/results/sweeps/final_$m/" 2>/dev/null
+    .venv/bin/python benchmarks/method_comparison.py report   # the comparison so far, after every run
   done
 done
-.venv/bin/python benchmarks/method_comparison.py report

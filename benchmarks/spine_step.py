@@ -61,6 +61,23 @@ def peak_gpu_mb():
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
+def _summary(per_rank: list[dict], cfg) -> dict:
+    """The step against the forwards it holds, medians over every rank's repetitions."""
+    med = lambda k: statistics.median(x for r in per_rank for x in r[k])  # noqa: E731
+    forwards = "two_fwd" if two_forwards(cfg) else "fwd2x"
+    return {
+        "step_median_s": med("step_s"), "fwd2x_median_s": med("fwd2x_s"), "two_fwd_median_s": med("two_fwd_s"),
+        "step_over_fwd2x": med("step_s") / med("fwd2x_s"), "step_over_two_fwd": med("step_s") / med("two_fwd_s"),
+        "peak_rss_step_over_forward": max(r["step_peak_rss_mb"] / r["fwd2x_peak_rss_mb"] for r in per_rank),
+        # against the forwards the step holds (see share_outside_forwards)
+        "peak_gpu_step_over_forward": (max(r["step_peak_gpu_mb"] / r[f"{forwards}_peak_gpu_mb"] for r in per_rank)
+                                       if per_rank[0]["fwd2x_peak_gpu_mb"] else None),
+        # the forwards a step holds: two over the batch (MeZO; AGZO's f0 and f+; two-forward mode), else one
+        # over the doubled batch
+        "share_outside_forwards": 1 - med(f"{forwards}_s") / med("step_s"),
+    }
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
@@ -102,19 +119,7 @@ def main():
     per_rank = [None] * world
     dist.all_gather_object(per_rank, res)
     if comm.is_main():
-        med = lambda k: statistics.median(x for r in per_rank for x in r[k])  # noqa: E731
-        forwards = "two_fwd" if two_forwards(cfg) else "fwd2x"
-        summary = {
-            "step_median_s": med("step_s"), "fwd2x_median_s": med("fwd2x_s"), "two_fwd_median_s": med("two_fwd_s"),
-            "step_over_fwd2x": med("step_s") / med("fwd2x_s"), "step_over_two_fwd": med("step_s") / med("two_fwd_s"),
-            "peak_rss_step_over_forward": max(r["step_peak_rss_mb"] / r["fwd2x_peak_rss_mb"] for r in per_rank),
-            # against the forwards the step holds (see share_outside_forwards)
-            "peak_gpu_step_over_forward": (max(r["step_peak_gpu_mb"] / r[f"{forwards}_peak_gpu_mb"] for r in per_rank)
-                                           if per_rank[0]["fwd2x_peak_gpu_mb"] else None),
-            # the forwards a step holds: two over the batch (MeZO; AGZO's f0 and f+; two-forward mode), else one
-            # over the doubled batch
-            "share_outside_forwards": 1 - med(f"{forwards}_s") / med("step_s"),
-        }
+        summary = _summary(per_rank, cfg)
         out = {"benchmark": "spine_step", "environment": environment(), "world_size": world,
                "threads_per_rank": torch.get_num_threads(),
                "config": {"method": dataclasses.asdict(cfg.method), "per_device_train_batch_size": micro,
