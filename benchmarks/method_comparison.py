@@ -98,6 +98,16 @@ def _curve_stats(rows: list[dict], key: str) -> list[list[float]]:
     return [[curves[0][i][0], *(f(c[i][1] for c in curves) for f in (statistics.fmean, min, max))] for i in range(n)]
 
 
+def _with_zero_shot(curve: list[list[float]]) -> list[list[float]]:
+    """The curve from step 0: the untrained base's test accuracy (benchmarks/results/zero_shot_test.json), the
+    same start for every method (the final runs evaluate the test split from their first evaluation on)."""
+    path = Path("benchmarks/results/zero_shot_test.json")
+    if not curve or curve[0][0] == 0 or not path.exists():
+        return curve
+    accuracy = json.loads(path.read_text())["accuracy"]
+    return [[0, accuracy, accuracy, accuracy], *curve]
+
+
 def report(out: Path, plot: Path) -> None:
     from benchmarks.common import environment
 
@@ -111,7 +121,7 @@ def report(out: Path, plot: Path) -> None:
             "test_accuracy": [r["test_accuracy"] for r in rows], "dev_accuracy": [r["dev_accuracy_after"] for r in rows],
             "test_majority_rate": rows[0].get("test_majority_rate"), "example_forwards": rows[0]["example_forwards"],
             "wall_s": [r["wall_s"] for r in rows], "mean_step_s": [r["mean_step_s"] for r in rows],
-            "test_curve": _curve_stats(rows, "test_curve"), "dev_curve": _curve_stats(rows, "dev_curve")}
+            "test_curve": _with_zero_shot(_curve_stats(rows, "test_curve")), "dev_curve": _curve_stats(rows, "dev_curve")}
     out.write_text(json.dumps({"benchmark": "method_comparison", "environment": environment(),
                                "command": "bash benchmarks/method_comparison.sh", "methods": methods}, indent=1) + "\n")
     print(f"{'method':12} {'lr':>8} {'test acc (seeds)':>22} {'majority':>8} {'fwd passes':>10} {'wall s':>7}")
