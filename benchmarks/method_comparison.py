@@ -108,6 +108,18 @@ def _with_zero_shot(curve: list[list[float]]) -> list[list[float]]:
     return [[0, accuracy, accuracy, accuracy], *curve]
 
 
+def test_at_best_dev(row: dict) -> dict | None:
+    """Early stopping by the dev split: the test accuracy at the evaluation with the lowest dev loss (among those
+    that also evaluated the test split). The protocol a user would follow with a run that peaks and then drifts or
+    diverges; the test split still chooses nothing."""
+    tests = {x: acc for x, acc in row.get("test_curve") or [] if x > 0}
+    devs = [(loss, x) for x, loss in row.get("dev_loss_curve") or [] if x in tests]
+    if not devs:
+        return None
+    loss, x = min(devs)
+    return {"example_forwards": x, "dev_loss": loss, "test_accuracy": tests[x]}
+
+
 def report(out: Path, plot: Path) -> None:
     from benchmarks.common import environment
 
@@ -119,16 +131,19 @@ def report(out: Path, plot: Path) -> None:
         methods[m] = {
             "setting": {k: rows[0][k] for k in ("learning_rate",) if k in rows[0]}, "seeds": [r["seed"] for r in rows],
             "test_accuracy": [r["test_accuracy"] for r in rows], "dev_accuracy": [r["dev_accuracy_after"] for r in rows],
+            "dev_loss": [r.get("dev_loss_after") for r in rows], "early_stopped": [test_at_best_dev(r) for r in rows],
             "test_majority_rate": rows[0].get("test_majority_rate"), "example_forwards": rows[0]["example_forwards"],
             "wall_s": [r["wall_s"] for r in rows], "mean_step_s": [r["mean_step_s"] for r in rows],
             "test_curve": _with_zero_shot(_curve_stats(rows, "test_curve")), "dev_curve": _curve_stats(rows, "dev_curve")}
     out.write_text(json.dumps({"benchmark": "method_comparison", "environment": environment(),
                                "command": "bash benchmarks/method_comparison.sh", "methods": methods}, indent=1) + "\n")
-    print(f"{'method':12} {'lr':>8} {'test acc (seeds)':>22} {'majority':>8} {'fwd passes':>10} {'wall s':>7}")
+    print(f"{'method':12} {'lr':>8} {'test acc at the end':>20} {'at best dev loss':>17} {'majority':>8} "
+          f"{'fwd passes':>10} {'wall s':>7}")
     for m, r in methods.items():
         accs = ", ".join(f"{a:.3f}" for a in r["test_accuracy"])
-        print(f"{m:12} {r['setting'].get('learning_rate', 0):8.0e} {accs:>22} {r['test_majority_rate'] or 0:8.3f} "
-              f"{r['example_forwards']:10d} {statistics.fmean(r['wall_s']):7.0f}")
+        early = ", ".join(f"{e['test_accuracy']:.3f}" for e in r["early_stopped"] if e)
+        print(f"{m:12} {r['setting'].get('learning_rate', 0):8.0e} {accs:>20} {early:>17} "
+              f"{r['test_majority_rate'] or 0:8.3f} {r['example_forwards']:10d} {statistics.fmean(r['wall_s']):7.0f}")
     _plot(methods, plot)
 
 

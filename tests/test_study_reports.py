@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))
@@ -48,7 +50,8 @@ def test_the_method_comparison_report_from_its_final_sweeps(monkeypatch, tmp_pat
         return [{"state": "done", "name": f"s{seed}", "seed": seed, "learning_rate": 1e-3, "test_accuracy": acc + d,
                  "dev_accuracy_after": acc, "test_majority_rate": 0.604, "example_forwards": 12800, "wall_s": 600.0,
                  "mean_step_s": 1.5, "test_curve": [[0, 0.6], [6400, acc - 0.02 + d], [12800, acc + d]],
-                 "dev_curve": [[0, 0.58], [12800, acc]]} for seed, d in ((42, 0.0), (43, 0.02))]
+                 "dev_curve": [[0, 0.58], [12800, acc]],
+                 "dev_loss_curve": [[0, 1.0], [6400, 0.6], [12800, 0.7]]} for seed, d in ((42, 0.0), (43, 0.02))]
 
     finals = {"final_zo_act": rows("zo_act", 0.70), "final_mezo": rows("mezo", 0.65)}
     monkeypatch.setattr(mc, "_summary", lambda name: ({}, finals.get(name, [])))
@@ -56,4 +59,6 @@ def test_the_method_comparison_report_from_its_final_sweeps(monkeypatch, tmp_pat
     d = json.loads((tmp_path / "c.json").read_text())["methods"]
     assert sorted(d) == ["mezo", "zo_act"] and d["zo_act"]["seeds"] == [42, 43]
     assert d["zo_act"]["test_curve"][-1] == [12800, 0.71, 0.70, 0.72]   # mean, min, max over the seeds
+    # early stopping by dev loss: the step-6,400 evaluation (dev loss 0.6 < 0.7 at the end) picks that test accuracy
+    assert [e["test_accuracy"] for e in d["zo_act"]["early_stopped"]] == pytest.approx([0.68, 0.70])
     assert (tmp_path / "c.png").stat().st_size > 0
