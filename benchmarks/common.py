@@ -47,15 +47,16 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def staged_main(name: str, plan, report) -> None:
-    """`plan` / `report` stages of a two-stage benchmark (plan writes sweep specs; report reads their summaries
-    into benchmarks/results/<name>.json and .png)."""
+def staged_main(name: str, plan, report, **more_stages) -> None:
+    """`plan` / `report` stages of a staged benchmark (plan writes sweep specs; report reads their summaries into
+    benchmarks/results/<name>.json and .png); `more_stages` are further no-argument stages, by name."""
     import argparse
     from pathlib import Path
 
+    stages = {"plan": plan, **more_stages}
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["plan", "report"])
+    ap.add_argument("stage", choices=[*stages, "report"])
     ap.add_argument("--out", default=f"benchmarks/results/{name}.json")
     ap.add_argument("--plot", default=f"benchmarks/results/{name}.png")
     a = ap.parse_args()
-    plan() if a.stage == "plan" else report(Path(a.out), Path(a.plot))
+    stages[a.stage]() if a.stage in stages else report(Path(a.out), Path(a.plot))

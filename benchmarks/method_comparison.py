@@ -3,6 +3,8 @@
     python benchmarks/method_comparison.py plan     # best learning rate per method from the probe sweeps
                                                     # (sweeps/probe_<m>.yaml, dev split) -> sweeps/final_<m>.yaml
     python -m dszo sweep sweeps/final_<m>.yaml      # each method at its best setting, >= 2 seeds (resumable)
+    python benchmarks/method_comparison.py settle   # after the first seed: a run that diverged is run again at a
+                                                    # third of its learning rate -> sweeps/final_<m>_stable.yaml
     python benchmarks/method_comparison.py report   # test accuracy vs example-forward passes, wall clock
                                                     # -> benchmarks/results/method_comparison.{json,png}
     (bash benchmarks/method_comparison.sh does all of it.)
@@ -69,6 +71,19 @@ def best_probe(m: str) -> tuple[dict, float, float] | None:
     return min(found, key=lambda f: f[2]) if found else None
 
 
+def _write_final(name: str, m: str, keys: dict, why: str) -> None:
+    fo = m == "first_order"
+    steps, every = (ZO_STEPS * 2 // 3, EVERY * 2 // 3) if fo else (ZO_STEPS, EVERY)
+    spec = {"config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": f"runs/sweeps/{name}",
+            "points": [keys], "seeds": SEEDS,
+            "overrides": {"per_device_train_batch_size": 16, "max_steps": steps, "eval_steps": every,
+                          "test_eval_steps": every, "disable_tqdm": True, **({} if fo else {"save_steps": SAVE_EVERY})}}
+    Path(f"sweeps/{name}.yaml").write_text(
+        f"# Written by benchmarks/method_comparison.py: {m} {why},\n# {len(SEEDS)} seeds, the same example-forward "
+        "budget as every method.\n" + yaml.safe_dump(spec, sort_keys=False))
+    print(f"{m:12} {keys} ({why}) -> sweeps/{name}.yaml")
+
+
 def plan() -> None:
     for m in METHODS:
         found = best_probe(m)
@@ -76,17 +91,31 @@ def plan() -> None:
             print(f"{m:12} no finished probe yet: run benchmarks/method_tuning.sh")
             continue
         keys, acc, _ = found
-        fo = m == "first_order"
-        steps, every = (ZO_STEPS * 2 // 3, EVERY * 2 // 3) if fo else (ZO_STEPS, EVERY)
-        spec = {"config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": f"runs/sweeps/final_{m}",
-                "points": [keys], "seeds": SEEDS,
-                "overrides": {"per_device_train_batch_size": 16, "max_steps": steps, "eval_steps": every,
-                              "test_eval_steps": every, "disable_tqdm": True, **({} if fo else {"save_steps": SAVE_EVERY})}}
-        Path(f"sweeps/final_{m}.yaml").write_text(
-            f"# Written by benchmarks/method_comparison.py plan: {m} at its best probe setting (dev accuracy "
-            f"{acc:.3f}),\n# {len(SEEDS)} seeds, the same example-forward budget as every method.\n"
-            + yaml.safe_dump(spec, sort_keys=False))
-        print(f"{m:12} best {keys} (probe dev accuracy {acc:.3f}) -> sweeps/final_{m}.yaml")
+        _write_final(f"final_{m}", m, keys, f"at its best probe setting (dev accuracy {acc:.3f})")
+
+
+STABLE_LR_FACTOR = 1 / 3
+
+
+def diverged(row: dict) -> bool:
+    """A final run that ends with a higher dev loss than the untrained model had: its learning rate, the best of a
+    100-step probe, is too large for the final budget."""
+    at_start = [loss for x, loss in row.get("dev_loss_curve") or [] if x == 0]   # kept by a resumed run's curve
+    before, after = row.get("dev_loss_before") or next(iter(at_start), None), row.get("dev_loss_after")
+    return row["state"] == "done" and before is not None and after is not None and after > before
+
+
+def settle() -> None:
+    """After the first seed of every final run: a method whose run diverged is run again, both seeds, at a third of
+    its learning rate (sweeps/final_<m>_stable.yaml), the same rule for every method; the diverged run stays in
+    the results (with its early-stopped test accuracy)."""
+    for m in METHODS:
+        spec, rows = _summary(f"final_{m}")
+        if not any(diverged(r) for r in rows):
+            continue
+        lr = spec["points"][0]["learning_rate"]
+        keys = {**spec["points"][0], "learning_rate": float(f"{lr * STABLE_LR_FACTOR:.2g}")}
+        _write_final(f"final_{m}_stable", m, keys, "at a third of the learning rate whose final run diverged")
 
 
 def _curve_stats(rows: list[dict], key: str) -> list[list[float]]:
@@ -125,10 +154,14 @@ def report(out: Path, plot: Path) -> None:
 
     methods = {}
     for m in METHODS:
-        rows = [r for r in _summary(f"final_{m}")[1] if r["state"] == "done"]
+        first = [r for r in _summary(f"final_{m}")[1] if r["state"] == "done"]
+        rows = [r for r in _summary(f"final_{m}_stable")[1] if r["state"] == "done"] or first
         if not rows:
             continue
         methods[m] = {
+            "diverged_first": [{"learning_rate": r["learning_rate"], "seed": r["seed"], "dev_loss": r["dev_loss_after"],
+                                "test_accuracy": r["test_accuracy"], "early_stopped": test_at_best_dev(r)}
+                               for r in first if diverged(r)],
             "setting": {k: rows[0][k] for k in ("learning_rate",) if k in rows[0]}, "seeds": [r["seed"] for r in rows],
             "test_accuracy": [r["test_accuracy"] for r in rows], "dev_accuracy": [r["dev_accuracy_after"] for r in rows],
             "dev_loss": [r.get("dev_loss_after") for r in rows], "early_stopped": [test_at_best_dev(r) for r in rows],
@@ -180,4 +213,4 @@ def _plot(methods: dict, path: Path) -> None:
 if __name__ == "__main__":
     from benchmarks.common import staged_main
 
-    staged_main("method_comparison", plan, report)
+    staged_main("method_comparison", plan, report, settle=settle)

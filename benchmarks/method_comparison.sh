@@ -10,14 +10,19 @@ bash benchmarks/method_tuning.sh || echo "[method_comparison] some probes failed
 .venv/bin/python benchmarks/method_comparison.py plan
 # Two passes: the first seed of every method, then the rest, so that an interrupted chain leaves a complete
 # one-seed comparison rather than two seeds of the first methods only.
+# Between them, `settle`: a method whose first run diverged runs both seeds again at a third of its learning rate
+# (sweeps/final_<m>_stable.yaml; the same rule for every method).
 METHOD_LIST=${METHODS:-zo_act mezo lozo agzo first_order lozo_m}
 for pass in first all; do
+  [ "$pass" = all ] && .venv/bin/python benchmarks/method_comparison.py settle
   for m in $METHOD_LIST; do
-    [ -f "sweeps/final_$m.yaml" ] || continue
+    name=final_$m
+    [ "$pass" = all ] && [ -f "sweeps/final_${m}_stable.yaml" ] && name=final_${m}_stable
+    [ -f "sweeps/$name.yaml" ] || continue
     if [ "$pass" = first ]; then point=(--point 0); else point=(); fi
-    HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/final_$m.yaml" "${point[@]}"
-    mkdir -p "benchmarks/results/sweeps/final_$m"
-    cp runs/sweeps/final_$m/summary.* "benchmarks/results/sweeps/final_$m/" 2>/dev/null
+    HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$name.yaml" "${point[@]}"
+    mkdir -p "benchmarks/results/sweeps/$name"
+    cp runs/sweeps/$name/summary.* "benchmarks/results/sweeps/$name/" 2>/dev/null
     .venv/bin/python benchmarks/method_comparison.py report   # the comparison so far, after every run
   done
 done

@@ -62,3 +62,37 @@ def test_the_method_comparison_report_from_its_final_sweeps(monkeypatch, tmp_pat
     # early stopping by dev loss: the step-6,400 evaluation (dev loss 0.6 < 0.7 at the end) picks that test accuracy
     assert [e["test_accuracy"] for e in d["zo_act"]["early_stopped"]] == pytest.approx([0.68, 0.70])
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_a_diverged_final_run_is_run_again_at_a_third_of_its_rate(monkeypatch, tmp_path):
+    import json
+
+    import yaml
+
+    from benchmarks import method_comparison as mc
+
+    def row(lr, loss_after, acc):
+        return {"state": "done", "name": f"lr{lr}", "seed": 42, "learning_rate": lr, "test_accuracy": acc,
+                "dev_accuracy_after": acc, "dev_loss_before": 1.0, "dev_loss_after": loss_after,
+                "test_majority_rate": 0.604, "example_forwards": 12800, "wall_s": 600.0, "mean_step_s": 1.5,
+                "test_curve": [[3200, 0.70], [12800, acc]], "dev_curve": [[3200, 0.66], [12800, acc]],
+                "dev_loss_curve": [[3200, 0.66], [12800, loss_after]]}
+
+    finals = {"final_mezo": ({"points": [{"method.directions": "rademacher", "learning_rate": 1e-4}]},
+                             [row(1e-4, 1.94, 0.49)]),                      # ends above the untrained dev loss
+              "final_zo_act": ({"points": [{"learning_rate": 3e-3}]}, [row(3e-3, 0.66, 0.74)])}
+    monkeypatch.setattr(mc, "_summary", lambda name: finals.get(name, ({}, [])))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweeps").mkdir()
+    mc.settle()
+    assert sorted(p.name for p in (tmp_path / "sweeps").iterdir()) == ["final_mezo_stable.yaml"]
+    spec = yaml.safe_load((tmp_path / "sweeps/final_mezo_stable.yaml").read_text())
+    assert spec["points"] == [{"method.directions": "rademacher", "learning_rate": 3.3e-05}]
+    assert spec["output_dir"] == "runs/sweeps/final_mezo_stable" and spec["seeds"] == mc.SEEDS
+
+    finals["final_mezo_stable"] = ({}, [row(3.3e-5, 0.62, 0.72)])
+    mc.report(tmp_path / "c.json", tmp_path / "c.png")
+    d = json.loads((tmp_path / "c.json").read_text())["methods"]
+    assert d["mezo"]["test_accuracy"] == [0.72] and d["mezo"]["setting"] == {"learning_rate": 3.3e-05}
+    assert d["mezo"]["diverged_first"][0]["early_stopped"]["test_accuracy"] == 0.70
+    assert d["zo_act"]["diverged_first"] == []
