@@ -9,7 +9,8 @@
 Every run takes the same number of steps from the same start. On N nodes (one rank each, b examples a node):
   data        direction_groups 1: one direction a step, global batch N·b
   directions  direction_groups N: N directions a step, each measured on its node's b examples
-The tuned setting is the method's best learning rate from its probes (benchmarks/method_comparison.py).
+The tuned setting is the one the method comparison settled on (benchmarks/method_comparison.py tuned_setting:
+the best probe's learning rate, or a third of it where that diverged over the final budget).
 
 The accuracy runs are one process each, with all cores. That is the same run as N nodes, not an approximation:
 a run's trajectory does not depend on its world size (invariant I1, tests/test_distributed.py), and G direction
@@ -31,7 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.method_comparison import _curve_stats, _summary, best_probe  # noqa: E402
+from benchmarks.method_comparison import _curve_stats, _summary, tuned_setting  # noqa: E402
 
 NODES = (1, 2, 4)
 METHODS = ("zo_act", "mezo")
@@ -46,11 +47,10 @@ def _write(name: str, spec: dict) -> None:
 
 def plan() -> None:
     for m in METHODS:
-        found = best_probe(m)
-        if found is None:
+        keys = tuned_setting(m)
+        if keys is None:
             print(f"{m}: no finished probe yet (benchmarks/method_tuning.sh)")
             continue
-        keys = found[0]
         points = [{**keys, "per_device_train_batch_size": BATCH * n, "direction_groups": g}
                   for n in NODES for g in sorted({1, n})]
         _write(f"scaling_{m}", {

@@ -149,6 +149,16 @@ def test_at_best_dev(row: dict) -> dict | None:
     return {"example_forwards": x, "dev_loss": loss, "test_accuracy": tests[x]}
 
 
+def tuned_setting(m: str) -> dict | None:
+    """The setting the comparison settled on: the stable rerun's when the probe-selected rate diverged, else the best
+    probe's (what the scaling study runs)."""
+    stable = Path(f"sweeps/final_{m}_stable.yaml")
+    if stable.exists():
+        return yaml.safe_load(stable.read_text())["points"][0]
+    found = best_probe(m)
+    return found[0] if found else None
+
+
 def report(out: Path, plot: Path) -> None:
     from benchmarks.common import environment
 

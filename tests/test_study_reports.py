@@ -89,6 +89,7 @@ def test_a_diverged_final_run_is_run_again_at_a_third_of_its_rate(monkeypatch, t
     spec = yaml.safe_load((tmp_path / "sweeps/final_mezo_stable.yaml").read_text())
     assert spec["points"] == [{"method.directions": "rademacher", "learning_rate": 3.3e-05}]
     assert spec["output_dir"] == "runs/sweeps/final_mezo_stable" and spec["seeds"] == mc.SEEDS
+    assert mc.tuned_setting("mezo") == spec["points"][0]      # what the scaling study then runs
 
     finals["final_mezo_stable"] = ({}, [row(3.3e-5, 0.62, 0.72)])
     mc.report(tmp_path / "c.json", tmp_path / "c.png")
