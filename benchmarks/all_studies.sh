@@ -3,21 +3,23 @@
 # the end of a session) and run it again; finished runs are kept, interrupted ones resume from their checkpoint.
 #   1. benchmarks/method_comparison.sh   learning-rate probes of every method, then each at its best setting
 #                                        (2 seeds, test curves) -> benchmarks/results/method_comparison.{json,png}
-#   2. sweeps/zo_act_{recipe,fp32,refresh}.yaml  ZO-Act: lr decay, eps, rank / the fp32 base / refreshed bases,
-#                                        else as its final runs
-#   3. sweeps/transfer.yaml              the main job's recipe on a second model and a second task (needs
+#   2. sweeps/zo_act_fp32.yaml           ZO-Act's final runs on the fp32 base (the 4-bit claim)
+#   3. benchmarks/direction_scaling.sh   data vs direction parallelism at 1, 2, 4 nodes, at the settings the
+#                                        comparison settled on -> benchmarks/results/direction_scaling.{json,png}
+#   4. benchmarks/projection.py          time to accuracy on clusters from 3.
+#   5. sweeps/zo_act_{recipe,refresh}.yaml  ZO-Act: lr decay, eps, rank / refreshed bases, else as its final runs
+#   6. sweeps/transfer.yaml              the main job's recipe on a second model and a second task (needs
 #                                        bash launch/setup.sh --transfer)
-#   4. benchmarks/direction_scaling.sh   data vs direction parallelism at 1, 2, 4 nodes
-#                                        -> benchmarks/results/direction_scaling.{json,png}
-#   5. benchmarks/projection.py          time to accuracy on clusters from 4.
-# Hours on this 2-core machine (the probes ~2.5 h, the final runs ~5 h, recipe, fp32, refresh and transfer ~3 h,
-# the scaling study ~4 h).
+# Hours on this 2-core machine (measured: the probes ~2.5 h, a final ZO run ~0.5 h; estimated: the final runs with
+# their stable reruns ~8 h, fp32 ~1 h, the scaling study ~3.5 h, recipe, refresh and transfer ~3 h).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+sweep() {
+  HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$1.yaml"
+  mkdir -p "benchmarks/results/sweeps/$1" && cp runs/sweeps/$1/summary.* "benchmarks/results/sweeps/$1/" 2>/dev/null
+}
 bash benchmarks/method_comparison.sh
-for name in zo_act_recipe zo_act_fp32 zo_act_refresh transfer; do
-  HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$name.yaml"
-  mkdir -p "benchmarks/results/sweeps/$name" && cp runs/sweeps/$name/summary.* "benchmarks/results/sweeps/$name/" 2>/dev/null
-done
+sweep zo_act_fp32
 bash benchmarks/direction_scaling.sh
 .venv/bin/python benchmarks/projection.py
+for name in zo_act_recipe zo_act_refresh transfer; do sweep $name; done
