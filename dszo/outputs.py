@@ -43,12 +43,14 @@ def prepare_output_dir(cfg: TrainConfig, resume_step: int = 0) -> Path:
 
 
 def _truncate_metrics(path: Path, keep_until_step: int) -> None:
+    """A resumed run's metrics: what the interrupted attempt logged up to the checkpoint it resumes from (steps,
+    dev and test evaluations, set-ups, checkpoints), not what it logged after (the resumed run logs it again)."""
     if not keep_until_step or not path.exists():
         path.unlink(missing_ok=True)
         return
     records = [(ln, json.loads(ln)) for ln in path.read_text().splitlines()]
     keep = [ln for ln, r in records
-            if r.get("event") in ("setup", None, "eval", "checkpoint") and r.get("step", 0) <= keep_until_step]
+            if r.get("event") in ("setup", None, "eval", "test", "checkpoint") and r.get("step", 0) <= keep_until_step]
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
