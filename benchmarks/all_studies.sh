@@ -14,12 +14,14 @@
 # their stable reruns ~8 h, fp32 ~1 h, the scaling study ~3.5 h, recipe, refresh and transfer ~3 h).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+stop_if_interrupted() { [ "$1" -eq 143 ] && exit 143; return 0; }   # dszo sweep's exit status when interrupted
 sweep() {
   HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$1.yaml"
+  stop_if_interrupted $?
   mkdir -p "benchmarks/results/sweeps/$1" && cp runs/sweeps/$1/summary.* "benchmarks/results/sweeps/$1/" 2>/dev/null
 }
-bash benchmarks/method_comparison.sh
+bash benchmarks/method_comparison.sh; stop_if_interrupted $?
 sweep zo_act_fp32
-bash benchmarks/direction_scaling.sh
+bash benchmarks/direction_scaling.sh; stop_if_interrupted $?
 .venv/bin/python benchmarks/projection.py
 for name in zo_act_recipe zo_act_refresh transfer; do sweep $name; done

@@ -98,11 +98,24 @@ STABLE_LR_FACTOR = 1 / 3
 
 
 def diverged(row: dict) -> bool:
-    """A final run that ends with a higher dev loss than the untrained model had: its learning rate, the best of a
-    100-step probe, is too large for the final budget."""
+    """A final run stopped by non-finite losses, or one that ends with a higher dev loss than the untrained model
+    had: its learning rate, the best of a 100-step probe, is too large for the final budget."""
+    if row["state"] == "diverged":
+        return True
     at_start = [loss for x, loss in row.get("dev_loss_curve") or [] if x == 0]   # kept by a resumed run's curve
     before, after = row.get("dev_loss_before") or next(iter(at_start), None), row.get("dev_loss_after")
     return row["state"] == "done" and before is not None and after is not None and after > before
+
+
+def settled_point(m: str) -> dict | None:
+    """The stable rerun's setting -- a third of the learning rate -- when the first seed's final run diverged, else
+    None. Only the first seed decides, so the verdict does not depend on when the chain was restarted."""
+    spec, rows = _summary(f"final_{m}")
+    first = [r for r in rows if r["seed"] == SEEDS[0]]
+    if not first or not diverged(first[0]):
+        return None
+    point = spec["points"][0]
+    return {**point, "learning_rate": float(f"{point['learning_rate'] * STABLE_LR_FACTOR:.2g}")}
 
 
 def settle() -> None:
@@ -110,31 +123,27 @@ def settle() -> None:
     its learning rate (sweeps/final_<m>_stable.yaml), the same rule for every method; the diverged run stays in
     the results (with its early-stopped test accuracy)."""
     for m in METHODS:
-        spec, rows = _summary(f"final_{m}")
-        if not any(diverged(r) for r in rows):
+        keys = settled_point(m)
+        if keys is None:
+            Path(f"sweeps/final_{m}_stable.yaml").unlink(missing_ok=True)   # a stale one from an earlier plan
             continue
-        lr = spec["points"][0]["learning_rate"]
-        keys = {**spec["points"][0], "learning_rate": float(f"{lr * STABLE_LR_FACTOR:.2g}")}
         _write_final(f"final_{m}_stable", m, keys, "at a third of the learning rate whose final run diverged")
+
+
+def tuned_setting(m: str) -> dict | None:
+    """The setting the comparison settled on (what the scaling study runs): the stable rerun's where the
+    probe-selected rate diverged, else the best probe's."""
+    found = best_probe(m)
+    return settled_point(m) or (found[0] if found else None)
 
 
 def _curve_stats(rows: list[dict], key: str) -> list[list[float]]:
     """[[forward passes, mean, min, max]] over the seeds, at the evaluation points every seed has."""
-    curves = [r[key] for r in rows if r.get(key)]
+    curves = [dict(r[key]) for r in rows if r.get(key)]
     if not curves:
         return []
-    n = min(len(c) for c in curves)
-    return [[curves[0][i][0], *(f(c[i][1] for c in curves) for f in (statistics.fmean, min, max))] for i in range(n)]
-
-
-def _with_zero_shot(curve: list[list[float]]) -> list[list[float]]:
-    """The curve from step 0: the untrained base's test accuracy (benchmarks/results/zero_shot_test.json), the
-    same start for every method (the final runs evaluate the test split from their first evaluation on)."""
-    path = Path("benchmarks/results/zero_shot_test.json")
-    if not curve or curve[0][0] == 0 or not path.exists():
-        return curve
-    accuracy = json.loads(path.read_text())["accuracy"]
-    return [[0, accuracy, accuracy, accuracy], *curve]
+    shared = sorted(set.intersection(*(set(c) for c in curves)))
+    return [[x, *(f(c[x] for c in curves) for f in (statistics.fmean, min, max))] for x in shared]
 
 
 def test_at_best_dev(row: dict) -> dict | None:
@@ -142,21 +151,17 @@ def test_at_best_dev(row: dict) -> dict | None:
     that also evaluated the test split). The protocol a user would follow with a run that peaks and then drifts or
     diverges; the test split still chooses nothing."""
     tests = {x: acc for x, acc in row.get("test_curve") or [] if x > 0}
-    devs = [(loss, x) for x, loss in row.get("dev_loss_curve") or [] if x in tests]
+    devs = [(loss, x) for x, loss in row.get("dev_loss_curve") or [] if x in tests and loss is not None]
     if not devs:
         return None
     loss, x = min(devs)
     return {"example_forwards": x, "dev_loss": loss, "test_accuracy": tests[x]}
 
 
-def tuned_setting(m: str) -> dict | None:
-    """The setting the comparison settled on: the stable rerun's when the probe-selected rate diverged, else the best
-    probe's (what the scaling study runs)."""
-    stable = Path(f"sweeps/final_{m}_stable.yaml")
-    if stable.exists():
-        return yaml.safe_load(stable.read_text())["points"][0]
-    found = best_probe(m)
-    return found[0] if found else None
+def _train_s(row: dict) -> float:
+    """Training time of a run: mean step time x steps (evaluations excluded; a resumed run's wall_s covers only
+    its last attempt)."""
+    return row["mean_step_s"] * row["steps"]
 
 
 def report(out: Path, plot: Path) -> None:
@@ -164,29 +169,31 @@ def report(out: Path, plot: Path) -> None:
 
     methods = {}
     for m in METHODS:
-        first = [r for r in _summary(f"final_{m}")[1] if r["state"] == "done"]
-        rows = [r for r in _summary(f"final_{m}_stable")[1] if r["state"] == "done"] or first
+        first = [r for r in _summary(f"final_{m}")[1] if r["state"] in ("done", "diverged")]
+        rows = [r for r in _summary(f"final_{m}_stable")[1] if r["state"] == "done"] or \
+            [r for r in first if r["state"] == "done"]
         if not rows:
             continue
         methods[m] = {
-            "diverged_first": [{"learning_rate": r["learning_rate"], "seed": r["seed"], "dev_loss": r["dev_loss_after"],
-                                "test_accuracy": r["test_accuracy"], "early_stopped": test_at_best_dev(r)}
+            "diverged_first": [{"learning_rate": r["learning_rate"], "seed": r["seed"], "dev_loss": r.get("dev_loss_after"),
+                                "test_accuracy": r.get("test_accuracy"), "early_stopped": test_at_best_dev(r)}
                                for r in first if diverged(r)],
             "setting": {k: rows[0][k] for k in ("learning_rate",) if k in rows[0]}, "seeds": [r["seed"] for r in rows],
             "test_accuracy": [r["test_accuracy"] for r in rows], "dev_accuracy": [r["dev_accuracy_after"] for r in rows],
             "dev_loss": [r.get("dev_loss_after") for r in rows], "early_stopped": [test_at_best_dev(r) for r in rows],
             "test_majority_rate": rows[0].get("test_majority_rate"), "example_forwards": rows[0]["example_forwards"],
-            "wall_s": [r["wall_s"] for r in rows], "mean_step_s": [r["mean_step_s"] for r in rows],
-            "test_curve": _with_zero_shot(_curve_stats(rows, "test_curve")), "dev_curve": _curve_stats(rows, "dev_curve")}
+            "train_s": [_train_s(r) for r in rows], "mean_step_s": [r["mean_step_s"] for r in rows],
+            "wall_s_last_attempt": [r["wall_s"] for r in rows],
+            "test_curve": _curve_stats(rows, "test_curve"), "dev_curve": _curve_stats(rows, "dev_curve")}
     out.write_text(json.dumps({"benchmark": "method_comparison", "environment": environment(),
                                "command": "bash benchmarks/method_comparison.sh", "methods": methods}, indent=1) + "\n")
     print(f"{'method':12} {'lr':>8} {'test acc at the end':>20} {'at best dev loss':>17} {'majority':>8} "
-          f"{'fwd passes':>10} {'wall s':>7}")
+          f"{'fwd passes':>10} {'train s':>7}")
     for m, r in methods.items():
         accs = ", ".join(f"{a:.3f}" for a in r["test_accuracy"])
         early = ", ".join(f"{e['test_accuracy']:.3f}" for e in r["early_stopped"] if e)
         print(f"{m:12} {r['setting'].get('learning_rate', 0):8.0e} {accs:>20} {early:>17} "
-              f"{r['test_majority_rate'] or 0:8.3f} {r['example_forwards']:10d} {statistics.fmean(r['wall_s']):7.0f}")
+              f"{r['test_majority_rate'] or 0:8.3f} {r['example_forwards']:10d} {statistics.fmean(r['train_s']):7.0f}")
     _plot(methods, plot)
 
 
@@ -212,8 +219,8 @@ def _plot(methods: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     names = list(methods)
-    bx.barh(names, [statistics.fmean(methods[m]["wall_s"]) / 60 for m in names])
-    bx.set_xlabel("wall clock per run (min, one process, 2 cores)")
+    bx.barh(names, [statistics.fmean(methods[m]["train_s"]) / 60 for m in names])
+    bx.set_xlabel("training time per run (min; mean step x steps, one process, 2 cores)")
     fig.suptitle("SmolLM2-135M, Rotten Tomatoes: each method at its dev-tuned learning rate, same forward budget")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

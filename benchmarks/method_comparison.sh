@@ -6,7 +6,9 @@
 # benchmarks/results/method_comparison.{json,png} and the final sweeps' summaries under benchmarks/results/sweeps/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash benchmarks/method_tuning.sh || echo "[method_comparison] some probes failed; planning from the finished ones" >&2
+bash benchmarks/method_tuning.sh
+rc=$?; [ $rc -eq 143 ] && exit 143
+[ $rc -eq 0 ] || echo "[method_comparison] some probes failed; planning from the finished ones" >&2
 .venv/bin/python benchmarks/method_comparison.py plan
 # Two passes: the first seed of every method, then the rest, so that an interrupted chain leaves a complete
 # one-seed comparison rather than two seeds of the first methods only.
@@ -21,6 +23,7 @@ for pass in first all; do
     [ -f "sweeps/$name.yaml" ] || continue
     if [ "$pass" = first ]; then point=(--point 0); else point=(); fi
     HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$name.yaml" "${point[@]}"
+    [ $? -eq 143 ] && exit 143   # interrupted (Ctrl-C, SIGTERM): stop here; running it again resumes
     mkdir -p "benchmarks/results/sweeps/$name"
     cp runs/sweeps/$name/summary.* "benchmarks/results/sweeps/$name/" 2>/dev/null
     .venv/bin/python benchmarks/method_comparison.py report   # the comparison so far, after every run

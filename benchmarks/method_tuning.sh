@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "method_tuning: run 'bash launch/setup.sh' first" >&2; exit 2; }
 status=0
 for m in ${METHODS:-zo_act mezo lozo agzo lozo_m first_order}; do
-  HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/probe_$m.yaml" || status=1
+  HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/probe_$m.yaml"
+  rc=$?; [ $rc -eq 143 ] && exit 143   # interrupted: stop here; running it again resumes
+  [ $rc -eq 0 ] || status=1
   mkdir -p "benchmarks/results/sweeps/probe_$m"
   cp runs/sweeps/probe_$m/summary.{json,csv} "benchmarks/results/sweeps/probe_$m/" 2>/dev/null
   cp runs/sweeps/probe_$m/summary.png "benchmarks/results/sweeps/probe_$m/" 2>/dev/null

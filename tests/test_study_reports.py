@@ -49,7 +49,9 @@ def test_the_method_comparison_report_from_its_final_sweeps(monkeypatch, tmp_pat
     def rows(m, acc):
         return [{"state": "done", "name": f"s{seed}", "seed": seed, "learning_rate": 1e-3, "test_accuracy": acc + d,
                  "dev_accuracy_after": acc, "test_majority_rate": 0.604, "example_forwards": 12800, "wall_s": 600.0,
-                 "mean_step_s": 1.5, "test_curve": [[0, 0.6], [6400, acc - 0.02 + d], [12800, acc + d]],
+                 "mean_step_s": 1.5, "steps": 400,
+                 # seed 42 resumed before the fix that keeps a resumed run's early test evaluations: no point at 0
+                 "test_curve": [[0, 0.6]][seed == 42:] + [[6400, acc - 0.02 + d], [12800, acc + d]],
                  "dev_curve": [[0, 0.58], [12800, acc]],
                  "dev_loss_curve": [[0, 1.0], [6400, 0.6], [12800, 0.7]]} for seed, d in ((42, 0.0), (43, 0.02))]
 
@@ -58,9 +60,13 @@ def test_the_method_comparison_report_from_its_final_sweeps(monkeypatch, tmp_pat
     mc.report(tmp_path / "c.json", tmp_path / "c.png")
     d = json.loads((tmp_path / "c.json").read_text())["methods"]
     assert sorted(d) == ["mezo", "zo_act"] and d["zo_act"]["seeds"] == [42, 43]
-    assert d["zo_act"]["test_curve"][-1] == [12800, 0.71, 0.70, 0.72]   # mean, min, max over the seeds
+    # mean, min, max over the seeds at the points both have, matched by x, not by position
+    curve = d["zo_act"]["test_curve"]
+    assert [x[0] for x in curve] == [6400, 12800]
+    assert [x[1:] for x in curve] == [pytest.approx([0.69, 0.68, 0.70]), pytest.approx([0.71, 0.70, 0.72])]
     # early stopping by dev loss: the step-6,400 evaluation (dev loss 0.6 < 0.7 at the end) picks that test accuracy
     assert [e["test_accuracy"] for e in d["zo_act"]["early_stopped"]] == pytest.approx([0.68, 0.70])
+    assert d["zo_act"]["train_s"] == [600.0, 600.0]                     # mean step x steps
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
@@ -71,21 +77,28 @@ def test_a_diverged_final_run_is_run_again_at_a_third_of_its_rate(monkeypatch, t
 
     from benchmarks import method_comparison as mc
 
-    def row(lr, loss_after, acc):
-        return {"state": "done", "name": f"lr{lr}", "seed": 42, "learning_rate": lr, "test_accuracy": acc,
-                "dev_accuracy_after": acc, "dev_loss_before": 1.0, "dev_loss_after": loss_after,
-                "test_majority_rate": 0.604, "example_forwards": 12800, "wall_s": 600.0, "mean_step_s": 1.5,
+    def row(lr, loss_after, acc, seed=42, state="done"):
+        return {"state": state, "name": f"lr{lr}", "seed": seed, "learning_rate": lr, "test_accuracy": acc,
+                "dev_accuracy_after": acc, "dev_loss_after": loss_after, "test_majority_rate": 0.604,
+                "example_forwards": 12800, "wall_s": 600.0, "mean_step_s": 1.5, "steps": 400,
                 "test_curve": [[3200, 0.70], [12800, acc]], "dev_curve": [[3200, 0.66], [12800, acc]],
-                "dev_loss_curve": [[3200, 0.66], [12800, loss_after]]}
+                # no dev_loss_before, as in a resumed run's row: the curve's step-0 point stands in
+                "dev_loss_curve": [[0, 1.0], [3200, 0.66], [12800, loss_after]]}
 
     finals = {"final_mezo": ({"points": [{"method.directions": "rademacher", "learning_rate": 1e-4}]},
                              [row(1e-4, 1.94, 0.49)]),                      # ends above the untrained dev loss
+              "final_lozo": ({"points": [{"learning_rate": 1e-4}]},       # stopped by non-finite losses
+                             [{"state": "diverged", "name": "x", "seed": 42, "learning_rate": 1e-4}]),
+              # only the first seed decides: a second seed that diverged later does not re-settle the method
+              "final_agzo": ({"points": [{"learning_rate": 1e-4}]}, [row(1e-4, 0.6, 0.7), row(1e-4, 2.0, 0.5, 43)]),
               "final_zo_act": ({"points": [{"learning_rate": 3e-3}]}, [row(3e-3, 0.66, 0.74)])}
     monkeypatch.setattr(mc, "_summary", lambda name: finals.get(name, ({}, [])))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps/final_zo_act_stable.yaml").write_text("points: [{learning_rate: 1.0e-3}]\n")   # stale
     mc.settle()
-    assert sorted(p.name for p in (tmp_path / "sweeps").iterdir()) == ["final_mezo_stable.yaml"]
+    assert sorted(p.name for p in (tmp_path / "sweeps").iterdir()) == ["final_lozo_stable.yaml",
+                                                                       "final_mezo_stable.yaml"]
     spec = yaml.safe_load((tmp_path / "sweeps/final_mezo_stable.yaml").read_text())
     assert spec["points"] == [{"method.directions": "rademacher", "learning_rate": 3.3e-05}]
     assert spec["output_dir"] == "runs/sweeps/final_mezo_stable" and spec["seeds"] == mc.SEEDS
@@ -96,4 +109,4 @@ def test_a_diverged_final_run_is_run_again_at_a_third_of_its_rate(monkeypatch, t
     d = json.loads((tmp_path / "c.json").read_text())["methods"]
     assert d["mezo"]["test_accuracy"] == [0.72] and d["mezo"]["setting"] == {"learning_rate": 3.3e-05}
     assert d["mezo"]["diverged_first"][0]["early_stopped"]["test_accuracy"] == 0.70
-    assert d["zo_act"]["diverged_first"] == []
+    assert d["zo_act"]["diverged_first"] == [] and "lozo" not in d       # no finished run of lozo to report yet
