@@ -4,6 +4,7 @@ dszo/outputs.py's; checkpoints go through the parts' state_dict / load_state_dic
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -99,7 +100,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
-        before = self.evaluate(0) if cfg.eval_before_training and self.start_step == 0 else None
+        before = self.evaluate(0) if cfg.eval_before_training and self.start_step == 0 else self._logged_start_eval()
         if cfg.test_eval_steps and cfg.eval_before_training and self.start_step == 0:
             self.evaluate(0, self.test, "test")
         if self.main and before:
@@ -166,6 +167,18 @@ class Trainer:
             path = self.save(step)
             raise TrainingStopped(f"stopped by a signal after step {step}; checkpoint in {path}. Continue with "
                                   "--resume_from_checkpoint latest", EXIT_STOPPED)
+
+    def _logged_start_eval(self) -> Optional[dict]:
+        """A resumed run's dev evaluation before training, as the interrupted attempt logged it (main rank: the
+        summary's dev_*_before then describe the whole run, not only its last attempt)."""
+        path = self.out / "metrics.jsonl"
+        if not self.main or self.start_step == 0 or not path.exists():
+            return None
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("event") == "eval" and r.get("step") == 0:
+                return {k.removeprefix("eval_"): v for k, v in r.items() if k.startswith("eval_") and k != "eval_s"}
+        return None
 
     def evaluate(self, step: int, split=None, prefix: str = "eval") -> dict:
         split = self.dev if split is None else split

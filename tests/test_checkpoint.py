@@ -112,6 +112,10 @@ def test_sigterm_saves_and_resume_is_bit_identical(reference, tiny_model, tiny_d
     assert meta["world_size"] == 2 and meta["run_seed"] == 7 and meta["versions"]["torch"] == torch.__version__
     _resume(cfg)
     _same(reference, tmp_path / "run")
+    # the summary describes the whole run: its dev evaluation before training comes from the interrupted attempt
+    before = [{k: v for k, v in json.loads((d / "results.json").read_text()).items() if k.startswith("dev_")
+               and k.endswith("_before")} for d in (reference, tmp_path / "run")]
+    assert before[0] and before[0] == before[1]
     replay = (tmp_path / "run" / "replay.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in replay[1:]] == list(range(1, STEPS + 1))
 
