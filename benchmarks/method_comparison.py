@@ -133,8 +133,11 @@ def settle() -> None:
 def tuned_setting(m: str) -> dict | None:
     """The setting the comparison settled on (what the scaling study runs): the stable rerun's where the
     probe-selected rate diverged, else the best probe's."""
+    settled = settled_point(m)
+    if settled is not None:
+        return settled
     found = best_probe(m)
-    return settled_point(m) or (found[0] if found else None)
+    return found[0] if found else None
 
 
 def _curve_stats(rows: list[dict], key: str) -> list[list[float]]:

@@ -13,6 +13,14 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def read_metrics(output_dir: Path) -> list[dict]:
+    """The records of a run folder's metrics.jsonl (none when it has none)."""
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricsWriter:
     def __init__(self, output_dir: Path, report_to: list[str], enabled: bool) -> None:
         self.enabled = enabled

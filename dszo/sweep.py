@@ -27,6 +27,7 @@ from typing import Optional
 import yaml
 
 from dszo.config import ConfigError, load_config, parse_overrides
+from dszo.metrics import read_metrics
 
 
 @dataclasses.dataclass
@@ -187,12 +188,6 @@ def example_forwards_per_step(cfg, world_size: int) -> float:
     return examples * (2 * getattr(cfg.method, "num_directions", 1) if zeroth_order else 3)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def summarize(spec: SweepSpec, points: Optional[list[Point]] = None) -> list[dict]:
     """One row per point: its overrides, state, the end-of-run results and the dev curve (summary.json/csv)."""
     from dszo.sweep_report import write_summary
@@ -204,7 +199,7 @@ def summarize(spec: SweepSpec, points: Optional[list[Point]] = None) -> list[dic
             results = json.loads((p.out / "results.json").read_text())
             cfg = load_config(str(p.out / "config.yaml"))
             per_step = example_forwards_per_step(cfg, results.get("world_size", 1))
-            metrics = _read_jsonl(p.out / "metrics.jsonl")
+            metrics = read_metrics(p.out)
             evals = [m for m in metrics if m.get("event") == "eval"]
             row.update({k: v for k, v in results.items() if k != "event"},
                        example_forwards=per_step * results["steps"],

@@ -4,7 +4,6 @@ dszo/outputs.py's; checkpoints go through the parts' state_dict / load_state_dic
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from dszo.config import ConfigError, TrainConfig, to_dict
 from dszo.data import StepSampler
 from dszo.directions import step_seed
 from dszo.evaluate import evaluate, headline
-from dszo.metrics import MetricsWriter, peak_rss_mb
+from dszo.metrics import MetricsWriter, peak_rss_mb, read_metrics
 from dszo.optim import lr_at
 from dszo.outputs import prepare_output_dir, save_trained, write_results
 from dszo.replay import FORMAT as REPLAY_FORMAT, ReplayLog
@@ -171,11 +170,9 @@ class Trainer:
     def _logged_start_eval(self) -> Optional[dict]:
         """A resumed run's dev evaluation before training, as the interrupted attempt logged it (main rank: the
         summary's dev_*_before then describe the whole run, not only its last attempt)."""
-        path = self.out / "metrics.jsonl"
-        if not self.main or self.start_step == 0 or not path.exists():
+        if not self.main or self.start_step == 0:
             return None
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
+        for r in read_metrics(self.out):
             if r.get("event") == "eval" and r.get("step") == 0:
                 return {k.removeprefix("eval_"): v for k, v in r.items() if k.startswith("eval_") and k != "eval_s"}
         return None
