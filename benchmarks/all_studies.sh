@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every long study of issues 15 and 16, one after another, each resumable: interrupt it at any time (Ctrl-C, or
 # the end of a session) and run it again; finished runs are kept, interrupted ones resume from their checkpoint.
-#   1. benchmarks/method_comparison.sh   learning-rate probes of every method, then each at its best setting
-#                                        (2 seeds, test curves) -> benchmarks/results/method_comparison.{json,png}
-#   2. sweeps/zo_act_fp32.yaml           ZO-Act's final runs on the fp32 base (the 4-bit claim)
-#   3. benchmarks/direction_scaling.sh   data vs direction parallelism at 1, 2, 4 nodes, at the settings the
+#   1. benchmarks/method_comparison.sh first   learning-rate probes of every method, then each at its best setting,
+#                                        first seed -> benchmarks/results/method_comparison.{json,png}
+#   2. sweeps/zo_act_recipe.yaml         ZO-Act: lr decay, eps, rank, two directions (the main job's recipe)
+#   3. benchmarks/method_comparison.sh all     the second seeds (and stable reruns of diverged methods)
+#   4. sweeps/zo_act_{fp32,refresh}.yaml ZO-Act's final runs on the fp32 base (the 4-bit claim) / refreshed bases
+#   5. benchmarks/direction_scaling.sh   data vs direction parallelism at 1, 2, 4 nodes, at the settings the
 #                                        comparison settled on -> benchmarks/results/direction_scaling.{json,png}
-#   4. benchmarks/projection.py          time to accuracy on clusters from 3.
-#   5. sweeps/zo_act_{recipe,refresh}.yaml  ZO-Act: lr decay, eps, rank / refreshed bases, else as its final runs
-#   6. sweeps/transfer.yaml              the main job's recipe on a second model and a second task (needs
+#   6. benchmarks/projection.py          time to accuracy on clusters from 5.
+#   7. sweeps/transfer.yaml              the main job's recipe on a second model and a second task (needs
 #                                        bash launch/setup.sh --transfer)
 # Hours on this 2-core machine (measured: the probes ~2.5 h, a final ZO run ~0.5 h; estimated: the final runs with
 # their stable reruns ~8 h, fp32 ~1 h, the scaling study ~3.5 h, recipe, refresh and transfer ~3 h).
@@ -20,8 +21,11 @@ sweep() {
   stop_if_interrupted $?
   mkdir -p "benchmarks/results/sweeps/$1" && cp runs/sweeps/$1/summary.* "benchmarks/results/sweeps/$1/" 2>/dev/null
 }
-bash benchmarks/method_comparison.sh; stop_if_interrupted $?
+bash benchmarks/method_comparison.sh first; stop_if_interrupted $?
+sweep zo_act_recipe          # before the second seeds: the main job's recipe depends on it (issue 15)
+bash benchmarks/method_comparison.sh all; stop_if_interrupted $?
 sweep zo_act_fp32
+sweep zo_act_refresh
 bash benchmarks/direction_scaling.sh; stop_if_interrupted $?
 .venv/bin/python benchmarks/projection.py
-for name in zo_act_recipe zo_act_refresh transfer; do sweep $name; done
+sweep transfer

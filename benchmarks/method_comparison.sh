@@ -14,8 +14,10 @@ rc=$?; [ $rc -eq 143 ] && exit 143
 # one-seed comparison rather than two seeds of the first methods only.
 # Between them, `settle`: a method whose first run diverged runs both seeds again at a third of its learning rate
 # (sweeps/final_<m>_stable.yaml; the same rule for every method).
+#   bash benchmarks/method_comparison.sh [first] [all]     (both passes when no argument is given)
 METHOD_LIST=${METHODS:-zo_act mezo lozo agzo first_order lozo_m}
-for pass in first all; do
+PASSES=${*:-first all}
+for pass in $PASSES; do
   [ "$pass" = all ] && .venv/bin/python benchmarks/method_comparison.py settle
   for m in $METHOD_LIST; do
     name=final_$m
