@@ -16,6 +16,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${DSZO_PYTHON:-$(command -v python3)}"
 if [ -x "$ROOT/.venv/bin/python" ] && [ -z "${DSZO_PYTHON:-}" ]; then PY="$ROOT/.venv/bin/python"; fi
 DEEPSPEED="$(dirname "$PY")/deepspeed"
+# The simulated nodes share this machine's cores: each rank gets cores / (nodes x ranks) threads unless
+# OMP_NUM_THREADS says otherwise (a real node's launcher would give each of its ranks cores / ranks).
+threads=$(( $(nproc) / (NODES * RANKS) )); export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"
 TAG="dszo$$"
 PORT="${MASTER_PORT:-29600}"
 WORK="$(mktemp -d)"
@@ -65,8 +68,9 @@ done
 [ -n "${DSZO_SIM_DRY_RUN:-}" ] && exit 0
 
 rc=0
-for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then rc=1; fi
+for i in "${!pids[@]}"; do   # the first node's failure code, as a launcher reports it (dszo: 3 diverged, 143 stopped)
+  code=0; wait "${pids[$i]}" || code=$?
+  [ "$rc" -eq 0 ] && rc=$code
 done
 for i in $(seq 0 $((NODES - 1))); do
   echo "===== node $i ====="
