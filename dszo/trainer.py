@@ -231,6 +231,6 @@ class Trainer:
         self.metrics.close()
         if self.main:
             write_results(self.out, summary)
-            tqdm.write(f"[dszo] dev {headline(after)} after {cfg.max_steps} steps"
+            tqdm.write(f"[dszo] dev {headline(after, before)} after {cfg.max_steps} steps"
                        + (f"; test {headline(test)}" if test else "") + f"; outputs in {self.out}")
         return summary

@@ -94,7 +94,7 @@ def _rank_pids(cfg_path: Path) -> dict[int, int]:
 
 def _resume(cfg: dict, ranks: int = 2):
     cfg = {**cfg, "resume_from_checkpoint": "latest"}
-    launch(cfg, ranks)
+    return launch(cfg, ranks)
 
 
 def test_sigterm_saves_and_resume_is_bit_identical(reference, tiny_model, tiny_data, tmp_path):
@@ -110,12 +110,14 @@ def test_sigterm_saves_and_resume_is_bit_identical(reference, tiny_model, tiny_d
     assert int(stopped.split("-")[1]) >= 5 and not (tmp_path / "run" / "adapter.safetensors").exists()
     meta = json.loads((tmp_path / "run" / stopped / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["run_seed"] == 7 and meta["versions"]["torch"] == torch.__version__
-    _resume(cfg)
+    resumed = _resume(cfg)
     _same(reference, tmp_path / "run")
     # the summary describes the whole run: its dev evaluation before training comes from the interrupted attempt
     before = [{k: v for k, v in json.loads((d / "results.json").read_text()).items() if k.startswith("dev_")
                and k.endswith("_before")} for d in (reference, tmp_path / "run")]
     assert before[0] and before[0] == before[1]
+    # and the last line reads the result beside it
+    assert f"before training {before[1]['dev_accuracy_before']:.4f}" in resumed.stdout + resumed.stderr
     replay = (tmp_path / "run" / "replay.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in replay[1:]] == list(range(1, STEPS + 1))
 
