@@ -16,19 +16,21 @@ from benchmarks import direction_scaling as ds  # noqa: E402
 from projection import measured_steps  # noqa: E402
 
 
-def _row(nodes: int, groups: int, accuracy_by_step: dict[int, float], steps: int = 300) -> dict:
+def _row(nodes: int, groups: int, accuracy_by_step: dict[int, float], steps: int = 300, ranks: int = 2) -> dict:
+    """A run standing for `nodes` nodes, run on `ranks` ranks (the study's 2 simulated nodes, or one process)."""
     per_step = 2 * ds.BATCH * nodes   # example-forwards a step: every example at +eps and -eps
     curve = lambda f: [[t * per_step, f(a)] for t, a in sorted(accuracy_by_step.items())]  # noqa: E731
     final = accuracy_by_step[max(accuracy_by_step)]
     return {"state": "done", "name": f"n{nodes}g{groups}", "seed": 42, "learning_rate": 3e-3,
-            "per_device_train_batch_size": ds.BATCH * nodes, "direction_groups": groups, "steps": steps,
+            "per_device_train_batch_size": ds.BATCH * nodes // ranks, "world_size": ranks,
+            "direction_groups": groups, "steps": steps,
             "example_forwards": per_step * steps, "test_accuracy": final - 0.01, "test_majority_rate": 0.6,
             "dev_accuracy_after": final, "dev_loss_after": 1 - final, "mean_step_s": 1.0 * nodes,
             "dev_curve": curve(lambda a: a), "dev_loss_curve": curve(lambda a: 1 - a)}
 
 
 def test_steps_to_the_one_node_accuracy_per_mode(monkeypatch):
-    rows = [_row(1, 1, {0: 0.58, 150: 0.65, 300: 0.70}),
+    rows = [_row(1, 1, {0: 0.58, 150: 0.65, 300: 0.70}, ranks=1),   # runs of either launcher are grouped alike
             _row(4, 1, {0: 0.58, 150: 0.69, 300: 0.72}),            # data x 4: never quite there by step 150
             _row(4, 4, {0: 0.58, 100: 0.70, 200: 0.74, 300: 0.75})]  # directions x 4: there at step 100
     monkeypatch.setattr(ds, "_summary", lambda name: ({}, rows if name == "scaling_zo_act" else []))
@@ -67,6 +69,7 @@ def test_the_method_comparison_report_from_its_final_sweeps(monkeypatch, tmp_pat
     # early stopping by dev loss: the step-6,400 evaluation (dev loss 0.6 < 0.7 at the end) picks that test accuracy
     assert [e["test_accuracy"] for e in d["zo_act"]["early_stopped"]] == pytest.approx([0.68, 0.70])
     assert d["zo_act"]["train_s"] == [600.0, 600.0]                     # mean step x steps
+    assert d["zo_act"]["train_s_one_process"] == 600.0                  # the time column: a one-process run's
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
