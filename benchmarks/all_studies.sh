@@ -11,6 +11,7 @@
 #   6. benchmarks/projection.py          time to accuracy on clusters from 5.
 #   7. sweeps/transfer.yaml              the main job's recipe on a second model and a second task (needs
 #                                        bash launch/setup.sh --transfer)
+#   8. sweeps/first_order_zo_act_params.yaml  backprop on exactly ZO-Act's parameters (down_proj, r 1, nf4)
 # Hours on this 2-core machine (measured: the probes ~2.5 h, a final ZO run ~0.5 h; estimated: the final runs with
 # their stable reruns ~8 h, fp32 ~1 h, the scaling study ~3.5 h, recipe, refresh and transfer ~3 h).
 set -uo pipefail
@@ -29,3 +30,4 @@ sweep zo_act_refresh
 bash benchmarks/direction_scaling.sh; stop_if_interrupted $?
 .venv/bin/python benchmarks/projection.py
 sweep transfer
+sweep first_order_zo_act_params
