@@ -150,7 +150,17 @@ def command(spec: SweepSpec, point: Point) -> list[str]:
     if spec.launcher == "python":
         return [sys.executable, "-m", "dszo", "train", "--config", spec.config, *args]
     # deepspeed / torchrun / launch/sim_cluster.sh N R: each runs the training script as a cluster would
-    return [*shlex.split(spec.launcher), "dszo/train.py", "--config", spec.config, *args]
+    return [*launcher_words(spec.launcher), "dszo/train.py", "--config", spec.config, *args]
+
+
+def launcher_words(launcher: str) -> list[str]:
+    """The launcher's command words, a bare launcher name resolved in this interpreter's environment first:
+    `.venv/bin/python -m dszo sweep` runs the virtualenv's `deepspeed` even where that is not on PATH."""
+    words = shlex.split(launcher)
+    beside = Path(sys.executable).parent / words[0]
+    if "/" not in words[0] and beside.is_file():
+        words[0] = str(beside)
+    return words
 
 
 def run_point(spec: SweepSpec, point: Point) -> bool:

@@ -54,6 +54,20 @@ def test_an_interrupted_point_resumes_from_its_checkpoint_and_a_fresh_one_overwr
     assert cmd[cmd.index("--resume_from_checkpoint") + 1] == "latest" and "--overwrite_output_dir" not in cmd
 
 
+def test_a_launcher_comes_from_the_interpreters_environment(tmp_path, tiny_model, tiny_data, monkeypatch):
+    """`.venv/bin/python -m dszo sweep` with `launcher: deepspeed ...` runs the virtualenv's deepspeed, on PATH or
+    not (a chain of studies started without activating the virtualenv failed with FileNotFoundError)."""
+    from pathlib import Path
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    spec = sweep.load_spec(_spec(tmp_path, tiny_model, tiny_data, launcher="deepspeed --num_gpus 2"))
+    cmd = sweep.command(spec, sweep.expand(spec)[0])
+    assert cmd[:3] == [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
+    assert cmd[3] == "dszo/train.py"
+    spec = sweep.load_spec(_spec(tmp_path, tiny_model, tiny_data, launcher="bash launch/sim_cluster.sh 2 1"))
+    assert sweep.command(spec, sweep.expand(spec)[0])[:2] == ["bash", "launch/sim_cluster.sh"]   # not ours
+
+
 def test_a_sweep_runs_every_point_once_and_summarises(tmp_path, tiny_model, tiny_data):
     path = _spec(tmp_path, tiny_model, tiny_data, grid={"learning_rate": [1e-3, 1e-2]}, seeds=[3],
                  overrides={"test_eval_steps": 1})
