@@ -12,16 +12,15 @@ Every run takes the same number of steps from the same start. On N nodes (one ra
 The tuned setting is the one the method comparison settled on (benchmarks/method_comparison.py tuned_setting:
 the best probe's learning rate, or a third of it where that diverged over the final budget).
 
-The accuracy runs all go on 2 simulated nodes of one rank (launch/sim_cluster.sh 2 1: a whole copy of the model
-each, one thread each), whatever N they stand for. That is the same run as N nodes, not an approximation: a run's
-trajectory does not depend on its world size (invariant I1, tests/test_distributed.py), and G direction groups
-on fewer nodes measure the same G directions on the same per-direction examples, each node several in turn
-(dszo.comm.direction_slots; tests/test_direction_groups.py: 2 simulated nodes = 1 rank, within fp32 rounding).
-Two 1-thread ranks are simply the fastest way to use this machine's 2 cores (4.94 against 2.79 examples/s for one
-2-thread process, benchmarks/results/scaling.csv); 4 real processes would share the same 2 cores. What N nodes
-change is the wall time of a step, so the bytes that cross nodes are measured in a short run on 4 simulated nodes
-(network namespaces, real TCP, sweeps/scaling_bytes.yaml). On this machine the time axis is therefore the step;
-benchmarks/projection.py turns steps into time on clusters.
+Each accuracy run goes where its method's step is fastest on this machine, whatever N it stands for
+(benchmarks/method_comparison.py launch_for: ZO-Act on one node of 2 ranks, MeZO in one process). That is the same
+run as N nodes, not an approximation: a run's trajectory does not depend on its world size (invariant I1,
+tests/test_distributed.py), and G direction groups on fewer nodes measure the same G directions on the same
+per-direction examples, each node several in turn (dszo.comm.direction_slots; tests/test_direction_groups.py:
+2 simulated nodes = 1 rank, within fp32 rounding); 4 real processes would only share the same 2 cores. What N
+nodes change is the wall time of a step, so the bytes that cross nodes are measured in a short run on 4 simulated
+nodes (network namespaces, real TCP, sweeps/scaling_bytes.yaml). On this machine the time axis is therefore the
+step; benchmarks/projection.py turns steps into time on clusters.
 """
 from __future__ import annotations
 
@@ -34,12 +33,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.method_comparison import _curve_stats, _summary, tuned_setting  # noqa: E402
+from benchmarks.method_comparison import _curve_stats, _summary, launch_for, tuned_setting  # noqa: E402
 
 NODES = (1, 2, 4)
 METHODS = ("zo_act", "mezo")
 STEPS, DEV_EVERY, BATCH, SEEDS = 300, 50, 8, [42]   # dev every 50: every 25 spent ~40 % of a 1-node run evaluating
-RUN_NODES = 2                                       # every accuracy run, on 2 simulated nodes of one rank (above)
 
 
 def _write(name: str, spec: dict) -> None:
@@ -54,11 +52,12 @@ def plan() -> None:
         if keys is None:
             print(f"{m}: no finished probe yet (benchmarks/method_tuning.sh)")
             continue
-        points = [{**keys, "per_device_train_batch_size": BATCH * n // RUN_NODES, "direction_groups": g}
+        launcher, ranks = launch_for(m)
+        points = [{**keys, "per_device_train_batch_size": BATCH * n // ranks, "direction_groups": g}
                   for n in NODES for g in sorted({1, n})]
         _write(f"scaling_{m}", {
             "config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": f"runs/sweeps/scaling_{m}",
-            "points": points, "seeds": SEEDS, "launcher": f"bash launch/sim_cluster.sh {RUN_NODES} 1",
+            "points": points, "seeds": SEEDS, "launcher": launcher,
             "overrides": {"max_steps": STEPS, "eval_steps": DEV_EVERY, "eval_before_training": True,
                           "do_predict": True, "save_steps": 50, "disable_tqdm": True}})
         if m == "zo_act":   # the bytes per step on 4 real (simulated) nodes, both modes

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The scaling study of issue 16: ZO-Act and MeZO at their tuned learning rates on 1, 2 and 4 nodes, data
-# parallelism (batch x N) vs direction parallelism (directions x N), the same steps; the accuracy runs on 2
-# simulated nodes each (the same runs as N nodes: see benchmarks/direction_scaling.py), the bytes across nodes
-# on 4 simulated nodes (both need root and iproute2). Resumable (dszo sweep); needs the probes of
+# parallelism (batch x N) vs direction parallelism (directions x N), the same steps; the accuracy runs where each
+# method's step is fastest here (the same runs as N nodes: see benchmarks/direction_scaling.py), the bytes across
+# nodes on 4 simulated nodes (needs root and iproute2). Resumable (dszo sweep); needs the probes of
 # benchmarks/method_tuning.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -72,23 +72,28 @@ def best_probe(m: str) -> tuple[dict, float, float] | None:
 
 
 GLOBAL_BATCH = 16
-# The final runs after the first go on 2 ranks -- the same runs by I1 (the global batch stays 16) -- because one
-# process with 2 threads uses this machine's 2 cores poorly. ZO-Act and the first-order reference on one node
-# (ZeRO-3 inside it): 2.16 s a step against 3.50 s (benchmarks/results/main_job.json), and 3.14 s against 4.01 s
-# (step_first_order.json). The fp32 ZO methods gain little there (their ZeRO-3 gathers of the full weights: MeZO
-# 3.42 s against 3.52 s, step_mezo_rademacher.json), so they run as 2 simulated nodes of one rank (partition: node,
-# a whole copy each, nothing but scalars between them; 4.94 against 2.79 examples/s, scaling.csv). The time
-# column of the report comes from the first runs, one process each.
-LAUNCHERS = {"zo_act": "deepspeed --num_gpus 2", "first_order": "deepspeed --num_gpus 2"}
-SIM_NODES = "bash launch/sim_cluster.sh 2 1"
+# The runs after a method's first go where its step is fastest on this machine's 2 cores -- the same runs by I1
+# (the global batch stays 16). Measured (benchmarks/results/launcher_step.json, step_<m>.json; s a step, one
+# process with 2 threads in brackets): ZO-Act on one node of 2 ranks 2.42 (3.50); first-order 3.14 (4.01); AGZO
+# and LOZO-M as 2 simulated nodes of one rank, a whole copy each, 2.59 (3.40) and 3.76 (4.42). MeZO and LOZO gain
+# nothing from a second rank (3.68 and 3.61 against 3.52): they stay in one process. The report's time column
+# comes from the first runs, one process each.
+LAUNCHERS = {"zo_act": ("deepspeed --num_gpus 2", 2), "first_order": ("deepspeed --num_gpus 2", 2),
+             "agzo": ("bash launch/sim_cluster.sh 2 1", 2), "lozo_m": ("bash launch/sim_cluster.sh 2 1", 2)}
+
+
+def launch_for(m: str) -> tuple[str, int]:
+    """(launcher, ranks) of a method's later runs (LAUNCHERS; else one process)."""
+    return LAUNCHERS.get(m, ("python", 1))
 
 
 def _write_final(name: str, m: str, keys: dict, why: str) -> None:
     fo = m == "first_order"
     steps, every = (ZO_STEPS * 2 // 3, EVERY * 2 // 3) if fo else (ZO_STEPS, EVERY)
+    launcher, ranks = launch_for(m)
     spec = {"config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": f"runs/sweeps/{name}",
-            "points": [keys], "seeds": SEEDS, "launcher": LAUNCHERS.get(m, SIM_NODES),
-            "overrides": {"per_device_train_batch_size": GLOBAL_BATCH // 2, "max_steps": steps, "eval_steps": every,
+            "points": [keys], "seeds": SEEDS, "launcher": launcher,
+            "overrides": {"per_device_train_batch_size": GLOBAL_BATCH // ranks, "max_steps": steps, "eval_steps": every,
                           "test_eval_steps": every, "disable_tqdm": True, **({} if fo else {"save_steps": SAVE_EVERY})}}
     Path(f"sweeps/{name}.yaml").write_text(
         f"# Written by benchmarks/method_comparison.py: {m} {why},\n# {len(SEEDS)} seeds, the same example-forward "
