@@ -58,7 +58,8 @@ def plan() -> None:
         _write(f"scaling_{m}", {
             "config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": f"runs/sweeps/scaling_{m}",
             "points": points, "seeds": SEEDS, "launcher": launcher,
-            "overrides": {"max_steps": STEPS, "eval_steps": DEV_EVERY, "eval_before_training": True,
+            "overrides": {"max_steps": STEPS, "lr_scheduler_type": "constant", "warmup_steps": 0,
+                          "eval_steps": DEV_EVERY, "eval_before_training": True,
                           "do_predict": True, "save_steps": 50, "disable_tqdm": True}})
         if m == "zo_act":   # the bytes per step on 4 real (simulated) nodes, both modes
             _write("scaling_bytes", {
