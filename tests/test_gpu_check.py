@@ -2,6 +2,7 @@
 parts run on CPU: a `random:<config.json>` model (a real architecture's shape, random weights) through the step
 benchmark it calls, and the script's syntax."""
 import json
+import math
 import subprocess
 import sys
 
@@ -25,4 +26,7 @@ def test_step_benchmark_on_a_random_weights_shape(tmp_path):
                           cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
-    assert summary["step_median_s"] > 0 and 0 <= summary["share_outside_forwards"] < 1
+    # the figures exist and are times; how they compare is the benchmark's finding, not a test's (on a tiny shape
+    # with 2 repetitions on a shared machine a step can take less than the two forwards it is compared with)
+    assert all(summary[k] > 0 for k in ("step_median_s", "fwd2x_median_s", "two_fwd_median_s"))
+    assert math.isfinite(summary["share_outside_forwards"])
