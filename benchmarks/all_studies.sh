@@ -3,7 +3,7 @@
 # the end of a session) and run it again; finished runs are kept, interrupted ones resume from their checkpoint.
 #   1. benchmarks/method_comparison.sh first   learning-rate probes of every method, then each at its best setting,
 #                                        first seed -> benchmarks/results/method_comparison.{json,png}
-#   2. sweeps/zo_act_recipe.yaml         ZO-Act: lr decay, eps, rank, two directions (the main job's recipe)
+#   2. sweeps/zo_act_recipe.yaml         ZO-Act: lr decay, half batch, two directions, eps, rank (the main job's recipe)
 #   3. benchmarks/method_comparison.sh all     the second seeds (and stable reruns of diverged methods)
 #   4. sweeps/zo_act_{fp32,refresh}.yaml ZO-Act's final runs on the fp32 base (the 4-bit claim) / refreshed bases
 #   5. benchmarks/direction_scaling.sh   data vs direction parallelism at 1, 2, 4 nodes, at the settings the

@@ -188,7 +188,7 @@ def _train_s(row: dict) -> float:
 
 def _one_process_train_s(runs: list[dict]) -> float | None:
     """The training time every method is compared by: its first-pass run's, in one process with 2 threads (later
-    runs may use 2 ranks, RANKS; the step time does not depend on the seed or the learning rate)."""
+    runs may use 2 ranks, LAUNCHERS; the step time does not depend on the seed or the learning rate)."""
     timed = [_train_s(r) for r in runs if r.get("world_size", 1) == 1 and r.get("mean_step_s")]
     return timed[0] if timed else None
 
