@@ -17,7 +17,7 @@ mezo=(--config configs/rotten_tomatoes_mezo.yaml --method.directions rademacher 
 lozo=(--config configs/rotten_tomatoes_lozo.yaml --learning_rate 3.3e-5)
 lozo_m=(--config configs/rotten_tomatoes_lozo_m.yaml --learning_rate 1e-4)
 agzo=(--config configs/rotten_tomatoes_agzo.yaml --learning_rate 1e-4)
-run() {   # name launcher... -- args...
+run() {   # NAME COMMAND...: runs COMMAND with the common arguments, timed, into $OUT/NAME
   local name=$1; shift
   /usr/bin/time -f "%e %S %R" -o "$OUT/$name.time" "$@" "${common[@]}" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
     || { echo "$name failed: $OUT/$name.log" >&2; tail -5 "$OUT/$name.log" >&2; }
