@@ -3,6 +3,7 @@
 # the end of a session) and run it again; finished runs are kept, interrupted ones resume from their checkpoint.
 #   1. benchmarks/method_comparison.sh first   learning-rate probes of every method, then each at its best setting,
 #                                        first seed -> benchmarks/results/method_comparison.{json,png}
+#   1b. benchmarks/direction_scaling.sh, ZO-Act's runs only (step 5 adds MeZO's)
 #   2. sweeps/zo_act_recipe.yaml         ZO-Act: lr decay, half batch, two directions, eps, rank (the main job's recipe)
 #   3. benchmarks/method_comparison.sh all     the second seeds (and stable reruns of diverged methods)
 #   4. sweeps/zo_act_{fp32,refresh}.yaml ZO-Act's final runs on the fp32 base (the 4-bit claim) / refreshed bases
@@ -23,6 +24,8 @@ sweep() {
   mkdir -p "benchmarks/results/sweeps/$1" && cp runs/sweeps/$1/summary.* "benchmarks/results/sweeps/$1/" 2>/dev/null
 }
 bash benchmarks/method_comparison.sh first; stop_if_interrupted $?
+# ZO-Act's scaling runs early: issue 16's target needs only them (MeZO's follow in step 5)
+SPECS="scaling_bytes scaling_zo_act" bash benchmarks/direction_scaling.sh; stop_if_interrupted $?
 sweep zo_act_recipe          # before the second seeds: the main job's recipe depends on it (issue 15)
 bash benchmarks/method_comparison.sh all; stop_if_interrupted $?
 sweep zo_act_fp32
