@@ -110,7 +110,7 @@ def _in_process_group(command: str, cfg, run_dir: Optional[Path], args: argparse
     except TrainingStopped as e:
         if comm.is_main():
             print(f"dszo: {e}", file=sys.stderr)
-        ok = True  # every rank stopped at the same step: leave together
+        ok = e.together  # every rank stopped at the same step: leave together
         return e.code
     except (ConfigError, DataError, OSError, ValueError) as e:
         print(f"dszo: error (rank {comm.rank()}): {e}", file=sys.stderr)

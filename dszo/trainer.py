@@ -31,9 +31,18 @@ EXIT_STOPPED = 143     # 128 + SIGTERM: stopped by a signal after saving a check
 class TrainingStopped(RuntimeError):
     """The run stopped before max_steps (a signal, or too many non-finite losses), after saving a checkpoint."""
 
-    def __init__(self, msg: str, code: int) -> None:
+    def __init__(self, msg: str, code: int, together: bool = True) -> None:
         super().__init__(msg)
         self.code = code
+        self.together = together   # every rank stops at the same step (False: this rank alone, during set-up)
+
+
+def _stopped_during_setup(cfg: TrainConfig):
+    """What a signal during set-up raises: nothing new to save, and the way to start again."""
+    again = ("run the same command again" if cfg.resume_from_checkpoint else
+             "run the same command again with --overwrite_output_dir true (this attempt wrote its config.yaml)")
+    return lambda: TrainingStopped(f"stopped by a signal during set-up, before any step of this attempt: nothing new "
+                                   f"to save; {again}", EXIT_STOPPED, together=False)
 
 
 def direction_layout(cfg: TrainConfig, global_batch: int) -> tuple[list[int], int, int]:
@@ -70,6 +79,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg, self.started = cfg, time.perf_counter()
+        comm.STOP.raise_on_signal(_stopped_during_setup(cfg))   # until install_handlers below
         self.run_seed = comm.broadcast_int(cfg.seed)  # rank 0's seed is the run's seed
         torch.manual_seed(self.run_seed)
         resume = resume_point(cfg)
