@@ -3,18 +3,20 @@
 # the end of a session) and run it again; finished runs are kept, interrupted ones resume from their checkpoint.
 #   1. benchmarks/method_comparison.sh first   learning-rate probes of every method, then each at its best setting,
 #                                        first seed -> benchmarks/results/method_comparison.{json,png}
-#   1b. benchmarks/direction_scaling.sh, ZO-Act's runs only (step 5 adds MeZO's)
-#   2. sweeps/zo_act_recipe.yaml         ZO-Act: lr decay, half batch, two directions, eps, rank (the main job's recipe)
-#   3. benchmarks/method_comparison.sh all     the second seeds (and stable reruns of diverged methods)
-#   4. sweeps/zo_act_{fp32,refresh}.yaml ZO-Act's final runs on the fp32 base (the 4-bit claim) / refreshed bases
-#   5. benchmarks/direction_scaling.sh   data vs direction parallelism at 1, 2, 4 nodes, at the settings the
-#                                        comparison settled on -> benchmarks/results/direction_scaling.{json,png}
-#   6. benchmarks/projection.py          time to accuracy on clusters from 5.
-#   7. sweeps/transfer.yaml              the main job's recipe on a second model and a second task (needs
+#   2. benchmarks/direction_scaling.sh, ZO-Act's runs: data vs direction parallelism at 1, 4 and 2 nodes (issue
+#                                        16's target needs only these; MeZO's runs follow in 7)
+#   3. sweeps/transfer.yaml              the main job's recipe on a second model and a second task (needs
 #                                        bash launch/setup.sh --transfer)
-#   8. sweeps/first_order_zo_act_params.yaml  backprop on exactly ZO-Act's parameters (down_proj, r 1, nf4)
-# Hours on this 2-core machine (measured: the probes ~2.5 h, a final ZO run ~0.5 h; estimated: the final runs with
-# their stable reruns ~8 h, fp32 ~1 h, the scaling study ~3.5 h, recipe, refresh and transfer ~3 h).
+#   4. sweeps/zo_act_recipe.yaml         ZO-Act: lr decay, half batch, two directions, eps, rank (the main job's recipe)
+#   5. benchmarks/method_comparison.sh all     the second seeds (and stable reruns of diverged methods)
+#   6. sweeps/zo_act_{fp32,refresh}.yaml ZO-Act's final runs on the fp32 base (the 4-bit claim) / refreshed bases
+#   7. benchmarks/direction_scaling.sh   MeZO's scaling runs -> benchmarks/results/direction_scaling.{json,png}
+#   8. benchmarks/projection.py          time to accuracy on clusters from 2 and 7.
+#   9. sweeps/first_order_zo_act_params.yaml  backprop on exactly ZO-Act's parameters (down_proj, r 1, nf4)
+# The order puts what answers a whole question first: one session of ~3 h runs about 2 and 3.
+# Hours on this 2-core machine (measured: the probes ~2.5 h, a final ZO run ~0.5 h, ZO-Act's scaling runs ~1.5 h;
+# estimated: the final runs with their stable reruns ~8 h, fp32 ~1 h, MeZO's scaling runs ~2.5 h, recipe, refresh
+# and transfer ~3 h).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stop_if_interrupted() { [ "$1" -eq 143 ] && exit 143; return 0; }   # dszo sweep's exit status when interrupted
@@ -24,13 +26,12 @@ sweep() {
   mkdir -p "benchmarks/results/sweeps/$1" && cp runs/sweeps/$1/summary.* "benchmarks/results/sweeps/$1/" 2>/dev/null
 }
 bash benchmarks/method_comparison.sh first; stop_if_interrupted $?
-# ZO-Act's scaling runs early: issue 16's target needs only them (MeZO's follow in step 5)
 SPECS="scaling_bytes scaling_zo_act" bash benchmarks/direction_scaling.sh; stop_if_interrupted $?
+sweep transfer
 sweep zo_act_recipe          # before the second seeds: the main job's recipe depends on it (issue 15)
 bash benchmarks/method_comparison.sh all; stop_if_interrupted $?
 sweep zo_act_fp32
 sweep zo_act_refresh
 bash benchmarks/direction_scaling.sh; stop_if_interrupted $?
 .venv/bin/python benchmarks/projection.py
-sweep transfer
 sweep first_order_zo_act_params
