@@ -142,8 +142,9 @@ def _plot(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(METHODS), 2, figsize=(12, 4 * len(METHODS)), squeeze=False)
-    for row, m in zip(axes, METHODS):
+    methods = [m for m in METHODS if any(r["method"] == m for r in table.values())] or list(METHODS[:1])
+    fig, axes = plt.subplots(len(methods), 2, figsize=(12, 4 * len(methods)), squeeze=False)
+    for row, m in zip(axes, methods):
         for r in (r for r in table.values() if r["method"] == m):
             per_step = r["example_forwards"] / r["steps"]
             style = "-" if r["mode"] == "data" else "--"
