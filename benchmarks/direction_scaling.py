@@ -81,12 +81,16 @@ def steps_to_reach(curve: list, per_step: float, target: float, lower_is_better:
     return None
 
 
+BYTES_COPY = "benchmarks/results/sweeps"   # where direction_scaling.sh keeps the byte runs' metrics.jsonl
+
+
 def _bytes_per_step() -> dict:
     """Median bytes a step, by reach, in the 4-simulated-node runs of each mode (rank 0's counters)."""
     found = {}
     for r in (x for x in _summary("scaling_bytes")[1] if x["state"] == "done"):
-        path = Path("runs/sweeps/scaling_bytes") / r["name"] / "metrics.jsonl"
-        steps = [json.loads(x)["comm"] for x in path.read_text().splitlines() if '"comm"' in x] if path.exists() else []
+        paths = [Path(root) / "scaling_bytes" / r["name"] / "metrics.jsonl" for root in ("runs/sweeps", BYTES_COPY)]
+        path = next((p for p in paths if p.exists()), None)
+        steps = [json.loads(x)["comm"] for x in path.read_text().splitlines() if '"comm"' in x] if path else []
         if steps:
             mode = "directions" if r["direction_groups"] > 1 else "data"
             found[mode] = {"nodes": NODES[-1], "direction_groups": r["direction_groups"],

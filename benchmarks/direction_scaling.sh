@@ -12,5 +12,10 @@ for name in ${SPECS:-scaling_bytes scaling_zo_act scaling_mezo}; do
   HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$name.yaml"
   [ $? -eq 143 ] && exit 143   # interrupted: stop here; running it again resumes
   mkdir -p "benchmarks/results/sweeps/$name" && cp runs/sweeps/$name/summary.* "benchmarks/results/sweeps/$name/" 2>/dev/null
+  if [ "$name" = scaling_bytes ]; then   # the bytes a step are in the runs' metrics (3 steps each): keep them
+    for run in runs/sweeps/$name/*/; do
+      mkdir -p "benchmarks/results/sweeps/$name/$(basename "$run")" && cp "$run/metrics.jsonl" "$_/" 2>/dev/null
+    done
+  fi
 done
 .venv/bin/python benchmarks/direction_scaling.py report
