@@ -63,8 +63,8 @@ def test_time_to_accuracy_by_mode():
 
 def test_measured_steps_count_a_run_that_never_reached_the_target_as_its_length():
     runs = {"a": {"method": "zo_act", "nodes": 1, "mode": "data", "steps": 300,
-                  "steps_to_1node_final": {"dev_accuracy": 300}},
+                  "steps_to_1node_final": {"dev_loss": 300}},
             "b": {"method": "zo_act", "nodes": 4, "mode": "directions", "steps": 300,
-                  "steps_to_1node_final": {"dev_accuracy": None}}}
+                  "steps_to_1node_final": {"dev_loss": None}}}
     found = measured_steps({"runs": runs})
     assert found[("zo_act", "data")] == {1: 300} and found[("zo_act", "directions")] == {1: 300, 4: 300}

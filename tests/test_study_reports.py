@@ -39,8 +39,9 @@ def test_steps_to_the_one_node_accuracy_per_mode(monkeypatch):
     reach = {k: r["steps_to_1node_final"]["dev_accuracy"] for k, r in table.items()}
     assert reach == {"zo_act n=1 data": 300, "zo_act n=4 data": 300, "zo_act n=4 directions": 100}
     assert table["zo_act n=4 directions"]["steps_to_1node_final"]["dev_loss"] == 100
-    found = measured_steps({"runs": table})
-    assert found[("zo_act", "directions")] == {1: 300, 4: 100} and found[("zo_act", "data")] == {1: 300, 4: 300}
+    for by in ("dev_loss", "dev_accuracy"):
+        found = measured_steps({"runs": table}, by)
+        assert found[("zo_act", "directions")] == {1: 300, 4: 100} and found[("zo_act", "data")] == {1: 300, 4: 300}
 
 
 def test_the_method_comparison_report_from_its_final_sweeps(monkeypatch, tmp_path):
