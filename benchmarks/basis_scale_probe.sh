@@ -7,7 +7,7 @@ run() {  # name, extra overrides...
   local name=$1; shift
   .venv/bin/python dszo/train.py --config configs/rotten_tomatoes_zo_act.yaml --max_steps 60 \
     --per_device_train_batch_size 16 --data.dev_size 200 --output_dir "/tmp/dszo_probe_$name" \
-    --overwrite_output_dir true --disable_tqdm true "$@" > "/tmp/dszo_probe_$name.log" 2>&1
+    --overwrite_output_dir true --disable_tqdm true --direction_groups 1 "$@" > "/tmp/dszo_probe_$name.log" 2>&1
 }
 run unit_rms_lr2e-2 --method.basis_scale unit_rms --learning_rate 2e-2
 run unit_rms_lr5e-3 --method.basis_scale unit_rms --learning_rate 5e-3

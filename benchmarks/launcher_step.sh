@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE=1
 OUT=${TMPDIR:-/tmp}/dszo_launcher_step; mkdir -p "$OUT"
 common=(--max_steps 20 --eval_steps 0 --eval_before_training false --save_steps 0 --disable_tqdm true
         --overwrite_output_dir true --per_device_train_batch_size 8)
-zo_act=(--config configs/rotten_tomatoes_zo_act.yaml --method.target_modules '["down_proj"]' --learning_rate 0.003)
+zo_act=(--config configs/rotten_tomatoes_zo_act.yaml --method.target_modules '["down_proj"]' --learning_rate 0.003 --direction_groups 1)
 mezo=(--config configs/rotten_tomatoes_mezo.yaml --method.directions rademacher --learning_rate 3.3e-5)
 lozo=(--config configs/rotten_tomatoes_lozo.yaml --learning_rate 3.3e-5)
 lozo_m=(--config configs/rotten_tomatoes_lozo_m.yaml --learning_rate 1e-4)

@@ -95,7 +95,8 @@ def _write_final(name: str, m: str, keys: dict, why: str) -> None:
             "points": [keys], "seeds": SEEDS, "launcher": launcher,
             # the schedule pinned: the configs' own may change (the main job's), the comparison's runs may not
             "overrides": {"per_device_train_batch_size": GLOBAL_BATCH // ranks, "max_steps": steps,
-                          "lr_scheduler_type": "constant", "warmup_steps": 0, "eval_steps": every,
+                          "lr_scheduler_type": "constant", "warmup_steps": 0, "direction_groups": 1,
+                          "eval_steps": every,
                           "test_eval_steps": every, "disable_tqdm": True, **({} if fo else {"save_steps": SAVE_EVERY})}}
     Path(f"sweeps/{name}.yaml").write_text(
         f"# Written by benchmarks/method_comparison.py: {m} {why},\n# {len(SEEDS)} seeds, the same example-forward "

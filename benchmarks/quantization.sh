@@ -21,7 +21,7 @@ for q in $KINDS; do
   if [ -f "runs/quant/train_$q/results.json" ]; then continue; fi
   echo "[quantization] $q: $STEPS training steps" >&2
   .venv/bin/python dszo/train.py --config configs/rotten_tomatoes_zo_act.yaml --model.quantization "$q" \
-    --max_steps "$STEPS" --output_dir "runs/quant/train_$q" --overwrite_output_dir true --disable_tqdm true \
+    --max_steps "$STEPS" --output_dir "runs/quant/train_$q" --overwrite_output_dir true --disable_tqdm true --direction_groups 1 \
     > "runs/quant/train_$q.log" 2>&1
 done
 .venv/bin/python benchmarks/quantization.py runs/quant --out benchmarks/results/quantization.json

@@ -34,7 +34,8 @@ def run_one(args, nodes: int, rpn: int, out: Path) -> dict:
     per_rank = args.batch if args.mode == "weak" else max(1, args.global_batch // world)
     over = ["--max_steps", str(args.steps), "--output_dir", str(out), "--overwrite_output_dir", "true",
             "--per_device_train_batch_size", str(per_rank), "--logging_steps", "1", "--eval_before_training",
-            "false", "--disable_tqdm", "true", "--data.dev_size", str(args.dev_size), "--partition", args.partition]
+            "false", "--disable_tqdm", "true", "--data.dev_size", str(args.dev_size), "--partition", args.partition,
+            "--direction_groups", "1"]   # data parallelism's step (the main job's config measures 2 directions)
     script = ["dszo/train.py", "--config", args.config, *over, *args.train_args.split()]
     bindir = Path(sys.executable).parent
     if nodes == 1:

@@ -90,6 +90,7 @@ def main():
     comm.set_cpu_threads()
     over = parse_overrides(rest)
     over.setdefault("output_dir", "/tmp/dszo_bench_spine")
+    over.setdefault("direction_groups", 1)   # one direction on the whole batch, against forwards of that batch
     over["overwrite_output_dir"] = True
     cfg = load_config(a.config, over)
     comm.init(cfg.ddp_timeout)
