@@ -191,8 +191,7 @@ class StopFlag:
 
         def handler(signum, frame):
             self.requested = True
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+        _on_stop_signals(handler)
 
     @staticmethod
     def raise_on_signal(make_error) -> None:
@@ -200,8 +199,12 @@ class StopFlag:
         to save, and waiting for the first step's all-reduce would hold a preempted job for minutes."""
         def handler(signum, frame):
             raise make_error()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+        _on_stop_signals(handler)
+
+
+def _on_stop_signals(handler) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 STOP = StopFlag()
