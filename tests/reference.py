@@ -82,6 +82,7 @@ class ReferenceZOAct(_Reference):
             x = inputs[0]
             if self.capture is not None:
                 self.capture.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).double())
+                self.output_sq[name] = self.output_sq.get(name, 0.0) + float(output.double().square().sum())
                 return output
             if name not in self.V:
                 return output
@@ -91,9 +92,9 @@ class ReferenceZOAct(_Reference):
 
     def compute_bases(self, num_calibration: int, scale: str = "orthonormal") -> dict[str, torch.Tensor]:
         """Exact top-r eigenvectors of Σ h hᵀ over the calibration examples (unit_rms: scaled so that the
-        projections have unit mean square)."""
+        projections have unit mean square; output_rms: the mean square of the layer's output)."""
         idx = StepSampler(len(self.tokens), num_calibration, self.seed).global_indices(0)
-        self.capture = {}
+        self.capture, self.output_sq = {}, {}
         self.mean_loss(idx)
         acts, self.capture = self.capture, None
         self.gap_rel: dict[str, float] = {}      # min distance of a kept eigenvalue to any other, / the largest
@@ -107,7 +108,9 @@ class ReferenceZOAct(_Reference):
             self.gap_rel[name] = float(gaps.min() / evals[-1])
             top, lam = evecs[:, -self.rank:].flip(1), evals[-self.rank:].flip(0)
             top = top * torch.sign(top[top.abs().argmax(0), torch.arange(self.rank)])
-            self.V[name] = (top / (lam / h.shape[0]).sqrt() if scale == "unit_rms" else top).float()
+            target = {"orthonormal": None, "unit_rms": 1.0,
+                      "output_rms": self.output_sq[name] / (h.shape[0] * self.layers[name].out_features)}[scale]
+            self.V[name] = (top if target is None else top * (target / (lam / h.shape[0])).sqrt()).float()
         return self.V
 
     def step(self, t: int, global_batch: int) -> dict:

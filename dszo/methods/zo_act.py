@@ -41,9 +41,10 @@ class ZOActConfig(MethodConfig):
     basis_power_iters: int = 1         # the calibration data is read basis_power_iters + 1 times
     basis_oversample: int = 8          # sketch width k = rank + basis_oversample (exact when k >= n)
     # orthonormal: the top-r eigenvectors as they are (the method as published). unit_rms: each scaled so that
-    # Vᵀh has unit mean square over the calibration tokens, which makes zo_eps and the learning rate mean the
-    # same in every layer (input norms differ by >100x across a Llama's layers); see README.
-    basis_scale: Literal["orthonormal", "unit_rms"] = "orthonormal"
+    # Vᵀh has unit mean square over the calibration tokens (input norms differ by >100x across a Llama's layers).
+    # output_rms: scaled so that Vᵀh has the mean square of the layer's own output W h, which makes zo_eps and the
+    # learning rate fractions of each layer's output in every layer of any model; see README "Basis scale".
+    basis_scale: Literal["orthonormal", "unit_rms", "output_rms"] = "orthonormal"
     # Recompute the bases every N steps (0: never), on that step's batches under the trained adapters, each B
     # re-expressed in its new basis (see ZOAct.refresh_bases). The basis drifts as B trains: after 100 steps at
     # lr 1e-2 the down_proj bases' |cos| with the first ones fell to 0.60 (benchmarks/results/basis_drift.json).
@@ -86,12 +87,14 @@ class ZOActLinear(nn.Module):
         self.key_B = key_B  # directions.tensor_key of this layer's B
         self.sketch_q: Optional[torch.Tensor] = None   # calibration iterate (n x k), not sharded
         self.sketch_s: Optional[torch.Tensor] = None
+        self.output_sq: Optional[torch.Tensor] = None  # Σ over calibration tokens of ‖W h‖² (basis_scale output_rms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self._calibration.active:   # and the adapter below: a refresh sketches the trained model's activations
             h = x.reshape(-1, x.shape[-1])[self._calibration.token_mask].to(self.sketch_q.dtype)
             self.sketch_s += h.T @ (h @ self.sketch_q)
+            self.output_sq += y.reshape(-1, y.shape[-1])[self._calibration.token_mask].double().square().sum()
         h = x.to(self.zo_V.dtype) @ self.zo_V                 # [..., r]: the only projection of x formed
         b, p = self.zo_B, self._perturbation
         if not p.active:
@@ -139,17 +142,20 @@ class ZOAct(DenseEstimateState, ZOMethod):
             total_tokens, offset = float(flat[-1]), 0
             for name, a in self.adapters.items():
                 s = flat[offset:offset + a.sketch_s.numel()].view_as(a.sketch_s)
-                offset += s.numel()
+                output_ms = float(flat[offset + s.numel()]) / (total_tokens * a.base.out_features)
+                offset += s.numel() + 1
                 if it < m.basis_power_iters:
                     a.sketch_q = orthonormalize(s)
                 else:
-                    bases[name] = self._set_basis(runtime, name, a, s, total_tokens)
+                    bases[name] = self._set_basis(runtime, name, a, s, total_tokens, output_ms)
         return bases
 
     def _sketch_pass(self, runtime: ZORuntime, batches: list, tokens: int) -> torch.Tensor:
-        """Σ h hᵀ Q of every layer over this rank's calibration batches, all-reduced (with the token count)."""
+        """Σ h hᵀ Q and Σ ‖W h‖² of every layer over this rank's calibration batches, all-reduced (with the token
+        count)."""
         for a in self.adapters.values():
             a.sketch_s = torch.zeros_like(a.sketch_q)
+            a.output_sq = torch.zeros(1, dtype=a.sketch_q.dtype, device=a.sketch_q.device)
         self.calibration.active = True
         try:
             for batch in batches:
@@ -157,20 +163,21 @@ class ZOAct(DenseEstimateState, ZOMethod):
                 runtime.forward(batch)
         finally:
             self.calibration.active = False
-        sketches = [a.sketch_s.reshape(-1) for a in self.adapters.values()]
+        sketches = [t for a in self.adapters.values() for t in (a.sketch_s.reshape(-1), a.output_sq)]
         count = torch.tensor([float(tokens)], dtype=torch.float64, device=sketches[0].device)
         return runtime.all_reduce_sum(torch.cat(sketches + [count]))
 
     def _set_basis(self, runtime: ZORuntime, name: str, a: ZOActLinear, sketch: torch.Tensor,
-                   total_tokens: float) -> torch.Tensor:
+                   total_tokens: float, output_ms: float) -> torch.Tensor:
         m = self.cfg.method
         v, evals = nystrom_basis(a.sketch_q, sketch, m.rank)
-        if m.basis_scale == "unit_rms":  # Vᵀh gets unit mean square over the calibration tokens
+        if m.basis_scale != "orthonormal":  # Vᵀh gets mean square 1 (unit_rms) or W h's (output_rms)
             mean_sq = evals / total_tokens
-            v = v / mean_sq.clamp(min=1e-6 * float(mean_sq[0]) + 1e-30).sqrt()
+            target = 1.0 if m.basis_scale == "unit_rms" else output_ms
+            v = v * (target / mean_sq.clamp(min=1e-6 * float(mean_sq[0]) + 1e-30)).sqrt()
         part = runtime.partition(f"{name}.zo_V", a.zo_V)
         part.local.copy_(v.reshape(-1)[part.start:part.end].to(part.local.dtype))
-        a.sketch_q = a.sketch_s = None
+        a.sketch_q = a.sketch_s = a.output_sq = None
         return v.to(part.local.dtype).double()   # the V the layers use, rounded as stored
 
     def begin_step(self, t: int, micro_batches: list, runtime: ZORuntime) -> None:

@@ -78,6 +78,26 @@ def test_basis_matches_exact_eigenvectors_and_unit_rms_scale():
     torch.testing.assert_close(proj.pow(2).mean(0), torch.ones(r, dtype=torch.float64), rtol=8 * U, atol=0)
 
 
+def test_output_rms_scale_gives_the_projections_the_layers_output_mean_square():
+    torch.manual_seed(2)
+    n, r = 24, 2
+    scales = torch.logspace(1, -2, n)
+    batches = [Inputs(torch.randn(6, 10, n) * scales) for _ in range(3)]
+    model = nn.Sequential(nn.Linear(n, 12))
+    with torch.no_grad():
+        model[0].weight.mul_(7.0)   # before attach wraps it   # an output scale unlike the input's: the scale must follow W h, not h
+    m = _zo_act(model, rank=r, basis_power_iters=2, basis_scale="output_rms", basis_oversample=n)
+    m.setup(LocalRuntime(model), batches)
+    h = torch.cat([b.x.reshape(-1, n) for b in batches]).double()
+    w, bias = model[0].base.weight.detach().double(), model[0].base.bias.detach().double()
+    output_ms = float((h @ w.T + bias).square().mean())         # over tokens and output features
+    proj = h @ model[0].zo_V.detach().double()
+    # fp32 outputs of the layer summed in fp64 (one fp32 rounding each: 2u relative on a square), then V's cast
+    torch.testing.assert_close(proj.pow(2).mean(0), torch.full((r,), output_ms, dtype=torch.float64),
+                               rtol=8 * U + 2 * reduction_rel(n), atol=0)
+    assert abs(output_ms - float(h.square().mean())) > 10 * output_ms * (8 * U)   # the two scales differ here
+
+
 def test_target_modules_selection_and_error():
     model = nn.ModuleDict({"q_proj": nn.Linear(4, 4), "v_proj": nn.Linear(4, 4), "mlp": nn.Linear(4, 4)})
     m = _zo_act(model, rank=1, target_modules=["q_proj", "v_proj"])

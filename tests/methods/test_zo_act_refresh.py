@@ -157,7 +157,8 @@ def _tolerance(ref: torch.Tensor) -> float:
     return float(ref.abs().max()) * (2 * 2 * N_IN * U + 2 * U)
 
 
-@pytest.mark.parametrize("world,scale", [(1, "orthonormal"), (2, "orthonormal"), (2, "unit_rms")])
+@pytest.mark.parametrize("world,scale", [(1, "orthonormal"), (2, "orthonormal"), (2, "unit_rms"),
+                                                     (2, "output_rms")])
 def test_the_coefficients_follow_the_new_basis_as_least_squares_does(world, scale):
     scales, mix = _full_rank_data(0)
     calibration = _batches(1, scales, mix)
