@@ -6,7 +6,8 @@
 #   2. benchmarks/direction_scaling.sh, ZO-Act's runs: data vs direction parallelism at 1, 4 and 2 nodes (issue
 #                                        16's target needs only these; MeZO's runs follow in 7)
 #   3. sweeps/transfer.yaml              the main job's recipe on a second model and a second task (needs
-#                                        bash launch/setup.sh --transfer)
+#                                        bash launch/setup.sh --transfer); then sweeps/transfer_output_rms.yaml,
+#                                        the same with the rate and eps relative to each layer's output
 #   4. sweeps/zo_act_recipe.yaml         ZO-Act: lr decay, half batch, two directions, eps, rank (the main job's recipe)
 #   5. benchmarks/method_comparison.sh all     the second seeds (and stable reruns of diverged methods)
 #   6. sweeps/zo_act_{fp32,refresh}.yaml ZO-Act's final runs on the fp32 base (the 4-bit claim) / refreshed bases
@@ -28,6 +29,7 @@ sweep() {
 bash benchmarks/method_comparison.sh first; stop_if_interrupted $?
 SPECS="scaling_bytes scaling_zo_act" bash benchmarks/direction_scaling.sh; stop_if_interrupted $?
 sweep transfer
+sweep transfer_output_rms
 sweep zo_act_recipe          # before the second seeds: the main job's recipe depends on it (issue 15)
 bash benchmarks/method_comparison.sh all; stop_if_interrupted $?
 sweep zo_act_fp32
