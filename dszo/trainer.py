@@ -218,7 +218,7 @@ class Trainer:
             "task": data.task.name, "train_examples": len(self.run.train_split), "dev_examples": len(self.dev),
             "test_examples": len(data.parts["test"]), "frozen_1d": method.frozen_1d,
             "resumed_from_step": self.start_step, "quantization": self.cfg.model.quantization,
-            **quantized_bytes(self.runtime.engine.module)})
+            **quantized_bytes(self.runtime.engine.module), **method.setup_metrics()})
         if self.main and method.frozen_1d:
             frozen = method.frozen_1d
             tqdm.write(f"[dszo] {len(frozen)} 1-D tensors stay frozen (no functional perturbation for their "

@@ -229,6 +229,10 @@ class Method(ABC):
     def prepare(self, runtime: ZORuntime, calibration_batches: list | None) -> None:
         """The method's own set-up once its partitions exist."""
 
+    def setup_metrics(self) -> dict:
+        """Facts about the set-up worth a line in the metrics' setup event (e.g. ZO-Act's basis scales)."""
+        return {}
+
     @abstractmethod
     def step(self, t: int, micro_batches: list, lr: float, runtime: ZORuntime):
         """One optimisation step at 0-based step t over this rank's micro-batches; returns its step record."""

@@ -121,6 +121,9 @@ class ZOAct(DenseEstimateState, ZOMethod):
         return {f"{n}.zo_V": a.zo_V for n, a in self.adapters.items()}
 
     def prepare(self, runtime: ZORuntime, calibration_batches: list | None) -> None:
+        # per layer: RMS of the top orthonormal projection / RMS of the layer's output; eps and the rate act on
+        # each layer in proportion to it unless basis_scale is output_rms (SmolLM2 ~1.6, Gemma 3 ~31: README)
+        self.scale_ratio: dict[str, float] = {}
         if calibration_batches is not None:   # None: the bases come from a checkpoint
             self.compute_bases(runtime, calibration_batches)
         self.estimate = DenseEstimate(self.partitions, self.cfg)
@@ -171,6 +174,7 @@ class ZOAct(DenseEstimateState, ZOMethod):
                    total_tokens: float, output_ms: float) -> torch.Tensor:
         m = self.cfg.method
         v, evals = nystrom_basis(a.sketch_q, sketch, m.rank)
+        self.scale_ratio[name] = (float(evals[0]) / total_tokens / max(output_ms, 1e-30)) ** 0.5
         if m.basis_scale != "orthonormal":  # Vᵀh gets mean square 1 (unit_rms) or W h's (output_rms)
             mean_sq = evals / total_tokens
             target = 1.0 if m.basis_scale == "unit_rms" else output_ms
@@ -179,6 +183,13 @@ class ZOAct(DenseEstimateState, ZOMethod):
         part.local.copy_(v.reshape(-1)[part.start:part.end].to(part.local.dtype))
         a.sketch_q = a.sketch_s = a.output_sq = None
         return v.to(part.local.dtype).double()   # the V the layers use, rounded as stored
+
+    def setup_metrics(self) -> dict:
+        ratios = sorted(self.scale_ratio.values())
+        if not ratios:
+            return {}
+        return {"basis_projection_to_output_rms": {"min": ratios[0], "median": ratios[len(ratios) // 2],
+                                                   "max": ratios[-1], "basis_scale": self.cfg.method.basis_scale}}
 
     def begin_step(self, t: int, micro_batches: list, runtime: ZORuntime) -> None:
         every = self.cfg.method.basis_refresh_steps

@@ -96,6 +96,11 @@ def test_output_rms_scale_gives_the_projections_the_layers_output_mean_square():
     torch.testing.assert_close(proj.pow(2).mean(0), torch.full((r,), output_ms, dtype=torch.float64),
                                rtol=8 * U + 2 * reduction_rel(n), atol=0)
     assert abs(output_ms - float(h.square().mean())) > 10 * output_ms * (8 * U)   # the two scales differ here
+    # the set-up metric: RMS of the top orthonormal projection over the output's (one layer: min = max)
+    top_ms = float(torch.linalg.eigvalsh(h.T @ h)[-1]) / h.shape[0]
+    stats = m.setup_metrics()["basis_projection_to_output_rms"]
+    assert stats["basis_scale"] == "output_rms" and stats["min"] == stats["max"]
+    assert abs(stats["median"] - (top_ms / output_ms) ** 0.5) <= (8 * U + 2 * reduction_rel(n)) * stats["median"]
 
 
 def test_target_modules_selection_and_error():
