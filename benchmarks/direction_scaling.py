@@ -33,7 +33,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.method_comparison import _curve_stats, _summary, launch_for, tuned_setting  # noqa: E402
+from benchmarks.method_comparison import PINNED, _curve_stats, _summary, launch_for, tuned_setting  # noqa: E402
 
 NODES = (1, 2, 4)
 RUN_ORDER = (1, 4, 2)   # the target compares 4 nodes with 1: those runs come first, so a cut-short study still answers it
@@ -59,7 +59,7 @@ def plan() -> None:
         _write(f"scaling_{m}", {
             "config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": f"runs/sweeps/scaling_{m}",
             "points": points, "seeds": SEEDS, "launcher": launcher,
-            "overrides": {"max_steps": STEPS, "lr_scheduler_type": "constant", "warmup_steps": 0,
+            "overrides": {**PINNED.get(m, {}), "max_steps": STEPS, "lr_scheduler_type": "constant", "warmup_steps": 0,
                           "eval_steps": DEV_EVERY, "eval_before_training": True,
                           "do_predict": True, "save_steps": 50, "disable_tqdm": True}})
         if m == "zo_act":   # the bytes per step on 4 real (simulated) nodes, both modes
@@ -67,7 +67,7 @@ def plan() -> None:
                 "config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": "runs/sweeps/scaling_bytes",
                 "points": [{**keys, "direction_groups": g} for g in (1, NODES[-1])], "seeds": SEEDS,
                 "launcher": f"bash launch/sim_cluster.sh {NODES[-1]} 1",
-                "overrides": {"per_device_train_batch_size": BATCH, "max_steps": 3, "eval_steps": 0,
+                "overrides": {**PINNED[m], "per_device_train_batch_size": BATCH, "max_steps": 3, "eval_steps": 0,
                               "eval_before_training": False, "partition": "node", "save_steps": 0,
                               "disable_tqdm": True}})
 

@@ -49,7 +49,8 @@ def best_setting(spec: dict, rows: list[dict]) -> tuple[dict, float, float] | No
     from dszo.sweep_report import settings
 
     swept = list(spec.get("grid", {})) + [k for p in spec.get("points", []) for k in p]
-    pinned = {k: v for k, v in spec.get("overrides", {}).items() if k.startswith("method.")}
+    pinned = {k: v for k, v in spec.get("overrides", {}).items()   # PINNED's keys go into the overrides, not the
+              if k.startswith("method.") and not any(k in p for p in PINNED.values())}   # points' names
     scored = []
     for group in settings([r for r in rows if r["state"] == "done"]).values():
         keys = {**pinned, **{k: group[0][k] for k in swept if k in group[0]}}
@@ -82,6 +83,11 @@ LAUNCHERS = {"zo_act": ("deepspeed --num_gpus 2", 2), "first_order": ("deepspeed
              "agzo": ("bash launch/sim_cluster.sh 2 1", 2), "lozo_m": ("bash launch/sim_cluster.sh 2 1", 2)}
 
 
+# The units each method's probed rates are in, pinned in every run built from the probes: ZO-Act's (and the
+# first-order reference's) basis_scale default became output_rms after the probes ran in orthonormal units.
+PINNED = {"zo_act": {"method.basis_scale": "orthonormal"}, "first_order": {"method.basis_scale": "orthonormal"}}
+
+
 def launch_for(m: str) -> tuple[str, int]:
     """(launcher, ranks) of a method's later runs (LAUNCHERS; else one process)."""
     return LAUNCHERS.get(m, ("python", 1))
@@ -94,7 +100,7 @@ def _write_final(name: str, m: str, keys: dict, why: str) -> None:
     spec = {"config": f"configs/rotten_tomatoes_{m}.yaml", "output_dir": f"runs/sweeps/{name}",
             "points": [keys], "seeds": SEEDS, "launcher": launcher,
             # the schedule pinned: the configs' own may change (the main job's), the comparison's runs may not
-            "overrides": {"per_device_train_batch_size": GLOBAL_BATCH // ranks, "max_steps": steps,
+            "overrides": {**PINNED.get(m, {}), "per_device_train_batch_size": GLOBAL_BATCH // ranks, "max_steps": steps,
                           "lr_scheduler_type": "constant", "warmup_steps": 0, "direction_groups": 1,
                           "eval_steps": every,
                           "test_eval_steps": every, "disable_tqdm": True, **({} if fo else {"save_steps": SAVE_EVERY})}}

@@ -114,3 +114,25 @@ def test_a_diverged_final_run_is_run_again_at_a_third_of_its_rate(monkeypatch, t
     assert d["mezo"]["test_accuracy"] == [0.72] and d["mezo"]["setting"] == {"learning_rate": 3.3e-05}
     assert d["mezo"]["diverged_first"][0]["early_stopped"]["test_accuracy"] == 0.70
     assert d["zo_act"]["diverged_first"] == [] and "lozo" not in d       # no finished run of lozo to report yet
+
+
+def test_pinned_units_go_into_the_overrides_not_the_points_names(monkeypatch, tmp_path):
+    """A probe spec that pins ZO-Act's basis scale: the settings it hands on keep their other method keys but not
+    the pin (a point's name is its keys: the finished runs must keep theirs), and the final specs pin it again."""
+    import yaml
+
+    from benchmarks import method_comparison as mc
+
+    spec = {"grid": {"learning_rate": [1e-3, 3e-3]},
+            "overrides": {"method.basis_scale": "orthonormal", "method.target_modules": ["all-linear"]}}
+    rows = [{"state": "done", "name": f"lr{lr}", "seed": 42, "learning_rate": lr, "dev_loss_after": loss, "dev_accuracy_after": 0.6}
+            for lr, loss in ((1e-3, 0.7), (3e-3, 0.6))]
+    keys, _, loss = mc.best_setting(spec, rows)
+    assert keys == {"method.target_modules": ["all-linear"], "learning_rate": 3e-3} and loss == 0.6
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweeps").mkdir()
+    for m in ("zo_act", "mezo"):
+        mc._write_final(f"final_{m}", m, {"learning_rate": 1e-4}, "test")
+    overrides = {m: yaml.safe_load((tmp_path / f"sweeps/final_{m}.yaml").read_text())["overrides"]
+                 for m in ("zo_act", "mezo")}
+    assert overrides["zo_act"]["method.basis_scale"] == "orthonormal" and "method.basis_scale" not in overrides["mezo"]
