@@ -37,7 +37,8 @@ CASES = {
     "agzo": {"method": {"name": "agzo", "num_directions": 2}, "optim": "sgd", "learning_rate": 1e-3},
     "mezo": {"method": {"name": "mezo"}, "optim": "sgd", "learning_rate": 1e-3, "weight_decay": 0.01},
     "first_order_zo_act": {"method": {"name": "first_order", "rank": 2, "num_calibration": 16,
-                                      "calibration_batch_size": 4, "basis_oversample": 64},
+                                      "calibration_batch_size": 4, "basis_oversample": 64,
+                                      "basis_scale": "orthonormal"},   # as tiny_config's zo_act
                            "optim": "momentum", "learning_rate": 0.1},
     "first_order_full": {"method": {"name": "first_order", "parameterization": "full",
                                     "trainable": ["*norm*", "*q_proj*"]}, "learning_rate": 1e-3},

@@ -140,7 +140,7 @@ def test_first_order_reference_trains_zo_act_coefficients_on_a_4bit_base(tiny_mo
     cfg = tiny_config(tiny_model, tiny_data, tmp_path / "fo", max_steps=4, per_device_train_batch_size=4,
                       optim="adam", **{"model.quantization": "nf4"})
     cfg["method"] = {"name": "first_order", "parameterization": "zo_act", "rank": 2, "num_calibration": 16,
-                     "calibration_batch_size": 4}
+                     "calibration_batch_size": 4, "basis_scale": "orthonormal"}   # the units of its lr and bound
     launch(cfg, 2)
     evals = [r["eval_loss"] for r in read_metrics(tmp_path / "fo") if r.get("event") == "eval"]
     assert evals[-1] < evals[0] - 0.01

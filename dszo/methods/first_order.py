@@ -75,6 +75,9 @@ class FirstOrder(Method):
     def extra_state(self) -> dict[str, nn.Parameter]:
         return self.adapters.extra_state() if self.adapters is not None else {}
 
+    def setup_metrics(self) -> dict:
+        return self.adapters.setup_metrics() if self.adapters is not None else {}
+
     def torch_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
         decay = [p for p in self.params.values() if len(self.shape_of(p)) >= 2]

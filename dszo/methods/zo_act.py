@@ -40,11 +40,12 @@ class ZOActConfig(MethodConfig):
     calibration_batch_size: int = 16
     basis_power_iters: int = 1         # the calibration data is read basis_power_iters + 1 times
     basis_oversample: int = 8          # sketch width k = rank + basis_oversample (exact when k >= n)
-    # orthonormal: the top-r eigenvectors as they are (the method as published). unit_rms: each scaled so that
-    # Vᵀh has unit mean square over the calibration tokens (input norms differ by >100x across a Llama's layers).
-    # output_rms: scaled so that Vᵀh has the mean square of the layer's own output W h, which makes zo_eps and the
-    # learning rate fractions of each layer's output in every layer of any model; see README "Basis scale".
-    basis_scale: Literal["orthonormal", "unit_rms", "output_rms"] = "orthonormal"
+    # output_rms (default): each basis vector scaled so that Vᵀh has the mean square of the layer's own output W h,
+    # which makes zo_eps and the learning rate fractions of each layer's output, in every layer of any model: the
+    # published orthonormal basis let the same eps perturb Gemma 3's layers ~20x more than SmolLM2's, and the
+    # recipe tuned on one did not learn on the other (README, "Basis scale"). orthonormal: the top-r eigenvectors
+    # as they are (the method as published). unit_rms: Vᵀh with unit mean square over the calibration tokens.
+    basis_scale: Literal["orthonormal", "unit_rms", "output_rms"] = "output_rms"
     # Recompute the bases every N steps (0: never), on that step's batches under the trained adapters, each B
     # re-expressed in its new basis (see ZOAct.refresh_bases). The basis drifts as B trains: after 100 steps at
     # lr 1e-2 the down_proj bases' |cos| with the first ones fell to 0.60 (benchmarks/results/basis_drift.json).
@@ -110,6 +111,9 @@ class ZOAct(DenseEstimateState, ZOMethod):
 
     def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
         self.perturbation, self.calibration = Perturbation(self.cfg.method.directions), Calibration()
+        # per layer: RMS of the top orthonormal projection / RMS of the layer's output; eps and the rate act on
+        # each layer in proportion to it unless basis_scale is output_rms (SmolLM2 ~1.6, Gemma 3 ~31: README)
+        self.scale_ratio: dict[str, float] = {}
         self.adapters: dict[str, ZOActLinear] = wrap_linear_layers(
             model, self.cfg.method.target_modules, lambda name, linear: ZOActLinear(
                 linear, self.cfg.method.rank, self.perturbation, self.calibration, tensor_key(f"{name}.zo_B")))
@@ -121,9 +125,6 @@ class ZOAct(DenseEstimateState, ZOMethod):
         return {f"{n}.zo_V": a.zo_V for n, a in self.adapters.items()}
 
     def prepare(self, runtime: ZORuntime, calibration_batches: list | None) -> None:
-        # per layer: RMS of the top orthonormal projection / RMS of the layer's output; eps and the rate act on
-        # each layer in proportion to it unless basis_scale is output_rms (SmolLM2 ~1.6, Gemma 3 ~31: README)
-        self.scale_ratio: dict[str, float] = {}
         if calibration_batches is not None:   # None: the bases come from a checkpoint
             self.compute_bases(runtime, calibration_batches)
         self.estimate = DenseEstimate(self.partitions, self.cfg)

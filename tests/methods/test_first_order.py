@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 GLOBAL_BATCH, STEPS = 8, 4
 VARIANTS = {
     "zo_act": ({"name": "first_order", "parameterization": "zo_act", "rank": 2, "num_calibration": 16,
-                "calibration_batch_size": 4, "basis_oversample": 64}, {"optim": "momentum", "momentum": 0.9, "learning_rate": 0.5}),
+                "calibration_batch_size": 4, "basis_oversample": 64, "basis_scale": "orthonormal"}, {"optim": "momentum", "momentum": 0.9, "learning_rate": 0.5}),
     "full": ({"name": "first_order", "parameterization": "full", "trainable": ["*layers.1.*", "model.norm.weight"]},
              {"optim": "momentum", "momentum": 0.9, "learning_rate": 5e-2}),
 }

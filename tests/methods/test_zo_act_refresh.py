@@ -104,7 +104,9 @@ def _trained_state(seed: int) -> dict[str, torch.Tensor]:
 def _refresh(world: int, calibration: list, later: list, trained: dict, **method) -> dict[str, torch.Tensor]:
     """Bases from `calibration`, B and Adam's moments set to `trained`, then a refresh on `later`; each rank
     gets every world-th batch. Returns the whole V before and after, B and the moments after."""
-    base = nn.Sequential(nn.Linear(N_IN, N_OUT))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)   # the same W in every call: output_rms scales V by the layer's output W h
+        base = nn.Sequential(nn.Linear(N_IN, N_OUT))
     group = ThreadRanks(world)
     models = [copy.deepcopy(base) for _ in range(world)]
     methods = [_method(model, **method) for model in models]
