@@ -112,7 +112,8 @@ class ZOAct(DenseEstimateState, ZOMethod):
     def attach(self, model: nn.Module, shape_of=plain_shape) -> None:
         self.perturbation, self.calibration = Perturbation(self.cfg.method.directions), Calibration()
         # per layer: RMS of the top orthonormal projection / RMS of the layer's output; eps and the rate act on
-        # each layer in proportion to it unless basis_scale is output_rms (SmolLM2 ~1.6, Gemma 3 ~31: README)
+        # each layer in proportion to it unless basis_scale is output_rms (medians: SmolLM2 1.7, Gemma 3 31;
+        # benchmarks/results/basis_scales.json)
         self.scale_ratio: dict[str, float] = {}
         self.adapters: dict[str, ZOActLinear] = wrap_linear_layers(
             model, self.cfg.method.target_modules, lambda name, linear: ZOActLinear(
