@@ -50,7 +50,7 @@ def best_setting(spec: dict, rows: list[dict]) -> tuple[dict, float, float] | No
 
     swept = list(spec.get("grid", {})) + [k for p in spec.get("points", []) for k in p]
     pinned = {k: v for k, v in spec.get("overrides", {}).items()   # PINNED's keys go into the overrides, not the
-              if k.startswith("method.") and not any(k in p for p in PINNED.values())}   # points' names
+              if k.startswith("method.") and k not in PINNED_KEYS}   # points' names
     scored = []
     for group in settings([r for r in rows if r["state"] == "done"]).values():
         keys = {**pinned, **{k: group[0][k] for k in swept if k in group[0]}}
@@ -86,6 +86,7 @@ LAUNCHERS = {"zo_act": ("deepspeed --num_gpus 2", 2), "first_order": ("deepspeed
 # The units each method's probed rates are in, pinned in every run built from the probes: ZO-Act's (and the
 # first-order reference's) basis_scale default became output_rms after the probes ran in orthonormal units.
 PINNED = {"zo_act": {"method.basis_scale": "orthonormal"}, "first_order": {"method.basis_scale": "orthonormal"}}
+PINNED_KEYS = {k for keys in PINNED.values() for k in keys}
 
 
 def launch_for(m: str) -> tuple[str, int]:
