@@ -191,11 +191,14 @@ def run_point(spec: SweepSpec, point: Point) -> bool:
 
 
 def example_forwards_per_step(cfg, world_size: int) -> float:
-    """Example-forward passes a step costs: ZO methods measure each example at +eps and -eps (or f0 and f+) per
-    direction; the first-order reference counts as 3 (a backward costs about two forwards)."""
+    """Example-forward passes a step costs: ZO methods measure each example at +eps and -eps per direction (AGZO:
+    one f0 a step, then f+ per direction); the first-order reference counts as 3 (a backward costs about two
+    forwards)."""
     examples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
-    zeroth_order = cfg.method.capabilities().zeroth_order
-    return examples * (2 * getattr(cfg.method, "num_directions", 1) if zeroth_order else 3)
+    caps = cfg.method.capabilities()
+    if not caps.zeroth_order:
+        return examples * 3
+    return examples * (caps.forwards_per_step + caps.forwards_per_direction * getattr(cfg.method, "num_directions", 1))
 
 
 def summarize(spec: SweepSpec, points: Optional[list[Point]] = None) -> list[dict]:

@@ -149,3 +149,13 @@ def test_every_committed_sweep_spec_expands_into_valid_configs(path, monkeypatch
     spec = sweep.load_spec(path)
     for point in sweep.expand(spec):
         sweep._config(spec.config, {**spec.overrides, **point.overrides})
+
+
+@pytest.mark.parametrize("method,directions,per_example", [("zo_act", 1, 2), ("mezo", 3, 6), ("agzo", 1, 2),
+                                                           ("agzo", 3, 4), ("first_order", 1, 3)])
+def test_example_forwards_per_step_counts_what_the_method_runs(method, directions, per_example):
+    """± eps per direction; AGZO measures one f0 a step and then f+ per direction (1 + D, not 2 D)."""
+    cfg = sweep._config(str(REPO / f"configs/rotten_tomatoes_{method}.yaml"),
+                        {"method.num_directions": directions, "per_device_train_batch_size": 4,
+                         "gradient_accumulation_steps": 2})
+    assert sweep.example_forwards_per_step(cfg, world_size=3) == 4 * 2 * 3 * per_example

@@ -42,7 +42,8 @@ class AGZOConfig(MethodConfig):
 
     def capabilities(self) -> Capabilities:
         # Not replayable: its subspace comes from each step's activations, not from the seed alone.
-        return Capabilities(writes_base_weights=True, replayable=False)
+        # One f0 a step, shared by its directions, then f+ per direction.
+        return Capabilities(writes_base_weights=True, replayable=False, forwards_per_direction=1, forwards_per_step=1)
 
     def validate(self) -> None:
         super().validate()

@@ -51,6 +51,8 @@ class Capabilities:
     result_file: str = "trainable.safetensors"  # the trained tensors of a finished run
     exports_adapter: bool = False        # the result is a LoRA-shaped adapter (`dszo export --format peft`)
     calibration_examples: int = 0        # training examples read by a calibration pass before the first step
+    forwards_per_direction: int = 2      # example-forwards a direction costs (± eps; AGZO: f+ only)
+    forwards_per_step: int = 0           # example-forwards a step costs besides its directions' (AGZO: its f0)
 
 
 @dataclass
