@@ -104,8 +104,10 @@ def _table() -> dict:
     for m in METHODS:
         for r in (x for x in _summary(f"scaling_{m}")[1] if x["state"] == "done"):
             mode = "directions" if r["direction_groups"] > 1 else "data"
-            global_batch = r["per_device_train_batch_size"] * r.get("world_size", 1)
-            runs.setdefault((m, global_batch // BATCH, mode), []).append(r)
+            # N nodes of BATCH examples measure 2·N·BATCH example-forwards a step in either mode (data: one
+            # direction on N·BATCH; directions: N on BATCH each), whatever the world size or accumulation
+            nodes = round(r["example_forwards"] / r["steps"] / (2 * BATCH))
+            runs.setdefault((m, nodes, mode), []).append(r)
     table = {}
     for (m, n, mode), rs in sorted(runs.items()):
         table[f"{m} n={n} {mode}"] = {
@@ -141,23 +143,31 @@ def report(out: Path, plot: Path) -> None:
 
 
 def _plot(table: dict, path: Path) -> None:
+    """Per method: dev accuracy by step, dev loss by step, dev accuracy by example-forward passes; each run's
+    test accuracy (evaluated once, at the end) as a cross at its last step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = [m for m in METHODS if any(r["method"] == m for r in table.values())] or list(METHODS[:1])
-    fig, axes = plt.subplots(len(methods), 2, figsize=(12, 4 * len(methods)), squeeze=False)
+    fig, axes = plt.subplots(len(methods), 3, figsize=(17, 4 * len(methods)), squeeze=False)
     for row, m in zip(axes, methods):
         for r in (r for r in table.values() if r["method"] == m):
             per_step = r["example_forwards"] / r["steps"]
             style = "-" if r["mode"] == "data" else "--"
-            label = f"{r['nodes']} node{'s' if r['nodes'] > 1 else ''}, {r['mode']}"
-            for ax, curve in zip(row, (r["dev_curve"], r["dev_loss_curve"])):
-                ax.plot([x[0] / per_step for x in curve], [x[1] for x in curve], style, marker=".", label=label)
-        for ax, what in zip(row, ("dev accuracy", "dev loss (candidates' cross-entropy)")):
+            label = f"{r['nodes']} nodes, {r['mode']}" if r["nodes"] > 1 else "1 node (either mode)"
+            test = statistics.fmean(r["test_accuracy"])
+            for ax, curve, scale in ((row[0], r["dev_curve"], per_step), (row[1], r["dev_loss_curve"], per_step),
+                                     (row[2], r["dev_curve"], 1.0)):
+                line, = ax.plot([x[0] / scale for x in curve], [x[1] for x in curve], style, marker=".", label=label)
+                if ax is not row[1]:
+                    ax.plot([r["example_forwards"] / scale], [test], "x", color=line.get_color(), markersize=8)
+        titles = ("dev accuracy (x: test) by step", "dev loss (candidates' cross-entropy) by step",
+                  "dev accuracy (x: test) by example-forward passes")
+        for ax, what, xlabel in zip(row, titles, ("step", "step", "example-forward passes")):
             ax.set_title(f"{m}: {what}", fontsize=10)
-            ax.set_xlabel("step")
+            ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle("data parallelism (batch x N, solid) vs direction parallelism (directions x N, dashed)")
