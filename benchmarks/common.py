@@ -47,9 +47,10 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def staged_main(name: str, plan, report, **more_stages) -> None:
+def staged_main(name: str, plan, report, report_options: dict | None = None, **more_stages) -> None:
     """`plan` / `report` stages of a staged benchmark (plan writes sweep specs; report reads their summaries into
-    benchmarks/results/<name>.json and .png); `more_stages` are further no-argument stages, by name."""
+    benchmarks/results/<name>.json and .png); `more_stages` are further no-argument stages, by name;
+    `report_options` ({name: help}) optional `--name VALUE` flags passed to report as keywords."""
     import argparse
     from pathlib import Path
 
@@ -58,5 +59,10 @@ def staged_main(name: str, plan, report, **more_stages) -> None:
     ap.add_argument("stage", choices=[*stages, "report"])
     ap.add_argument("--out", default=f"benchmarks/results/{name}.json")
     ap.add_argument("--plot", default=f"benchmarks/results/{name}.png")
+    for option, help_ in (report_options or {}).items():
+        ap.add_argument(f"--{option}", help=help_)
     a = ap.parse_args()
-    stages[a.stage]() if a.stage in stages else report(Path(a.out), Path(a.plot))
+    if a.stage in stages:
+        stages[a.stage]()
+    else:
+        report(Path(a.out), Path(a.plot), **{option: getattr(a, option) for option in report_options or {}})

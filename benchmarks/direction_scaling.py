@@ -6,6 +6,11 @@
     python benchmarks/direction_scaling.py report    # benchmarks/results/direction_scaling.{json,png}
     (bash benchmarks/direction_scaling.sh does all of it.)
 
+On a Slurm cluster, the same study at the tuned setting (data and directions at each node count, one job each):
+    CONFIG=configs/rotten_tomatoes_zo_act.yaml SWEEP=scaling MODES="data directions" NODE_COUNTS="1 2 4 8" \
+      EXTRA_ARGS="--max_steps 300 --eval_steps 50 --eval_before_training true --do_predict true" slurm/sweep.sh
+    python benchmarks/direction_scaling.py report --runs runs/scaling --out ... --plot ...
+
 Every run takes the same number of steps from the same start. On N nodes (one rank each, b examples a node):
   data        direction_groups 1: one direction a step, global batch N·b
   directions  direction_groups N: N directions a step, each measured on its node's b examples
@@ -25,6 +30,7 @@ step; benchmarks/projection.py turns steps into time on clusters.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -99,14 +105,34 @@ def _bytes_per_step() -> dict:
     return found
 
 
-def _table() -> dict:
+def cluster_rows(root: Path) -> dict[str, list[dict]]:
+    """The runs of slurm/sweep.sh (MODES="data directions": runs/<SWEEP>/nodes<N>[-directions]/), as rows like a
+    sweep summary's, by method; N from the folder's name."""
+    from dszo.config import load_config
+    from dszo.sweep import run_row
+
+    found: dict = {}
+    for out in sorted(p for p in Path(root).iterdir() if (p / "results.json").exists()):
+        nodes = re.fullmatch(r"nodes(\d+)(-directions)?", out.name)
+        if nodes is None:
+            continue
+        cfg = load_config(str(out / "config.yaml"))
+        found.setdefault(cfg.method.name, []).append({
+            "state": "done", "name": out.name, "nodes": int(nodes.group(1)), "seed": cfg.seed,
+            "learning_rate": cfg.learning_rate, "direction_groups": cfg.direction_groups, **run_row(out)})
+    return found
+
+
+def _table(rows_by_method: dict | None = None) -> dict:
+    """Runs by (method, nodes, mode): the local sweeps' summaries, or rows_by_method (a cluster's runs)."""
     runs: dict = {}
     for m in METHODS:
-        for r in (x for x in _summary(f"scaling_{m}")[1] if x["state"] == "done"):
+        rows = _summary(f"scaling_{m}")[1] if rows_by_method is None else rows_by_method.get(m, [])
+        for r in (x for x in rows if x["state"] == "done"):
             mode = "directions" if r["direction_groups"] > 1 else "data"
             # N nodes of BATCH examples measure 2·N·BATCH example-forwards a step in either mode (data: one
             # direction on N·BATCH; directions: N on BATCH each), whatever the world size or accumulation
-            nodes = round(r["example_forwards"] / r["steps"] / (2 * BATCH))
+            nodes = r.get("nodes") or round(r["example_forwards"] / r["steps"] / (2 * BATCH))
             runs.setdefault((m, nodes, mode), []).append(r)
     table = {}
     for (m, n, mode), rs in sorted(runs.items()):
@@ -127,13 +153,15 @@ def _table() -> dict:
     return table
 
 
-def report(out: Path, plot: Path) -> None:
+def report(out: Path, plot: Path, runs: str | None = None) -> None:
     from benchmarks.common import environment
 
-    table = _table()
-    out.write_text(json.dumps({"benchmark": "direction_scaling", "environment": environment(),
-                               "command": "bash benchmarks/direction_scaling.sh", "nodes_per_run_note": __doc__,
-                               "bytes_per_step_4_nodes": _bytes_per_step(), "runs": table}, indent=1) + "\n")
+    table = _table(cluster_rows(Path(runs)) if runs else None)
+    command = f"python benchmarks/direction_scaling.py report --runs {runs}" if runs else "bash benchmarks/direction_scaling.sh"
+    out.write_text(json.dumps({"benchmark": "direction_scaling", "environment": environment(), "command": command,
+                               "nodes_per_run_note": __doc__,
+                               "bytes_per_step_4_nodes": {} if runs else _bytes_per_step(), "runs": table},
+                              indent=1) + "\n")
     print(f"{'run':26} {'dev acc':>7} {'dev loss':>8} {'test acc':>8}  steps to the 1-node final (acc / loss)")
     for key, r in table.items():
         reach = r.get("steps_to_1node_final", {})
@@ -179,4 +207,5 @@ def _plot(table: dict, path: Path) -> None:
 if __name__ == "__main__":
     from benchmarks.common import staged_main
 
-    staged_main("direction_scaling", plan, report)
+    staged_main("direction_scaling", plan, report,
+                report_options={"runs": "a cluster's runs instead of the local sweeps: slurm/sweep.sh's runs/<SWEEP>"})

@@ -201,6 +201,22 @@ def example_forwards_per_step(cfg, world_size: int) -> float:
     return examples * (caps.forwards_per_step + caps.forwards_per_direction * getattr(cfg.method, "num_directions", 1))
 
 
+def run_row(out: Path) -> dict:
+    """A finished run folder's summary row: results.json, the example-forwards it cost, its dev (and test)
+    curves by example-forwards. Also what reads runs made outside a sweep (slurm/sweep.sh's node counts)."""
+    results = json.loads((out / "results.json").read_text())
+    cfg = load_config(str(out / "config.yaml"))
+    per_step = example_forwards_per_step(cfg, results.get("world_size", 1))
+    metrics = read_metrics(out)
+    evals = [m for m in metrics if m.get("event") == "eval"]
+    return {**{k: v for k, v in results.items() if k != "event"},
+            "example_forwards": per_step * results["steps"],
+            "dev_curve": [[m["step"] * per_step, m.get("eval_accuracy")] for m in evals],
+            "dev_loss_curve": [[m["step"] * per_step, m.get("eval_loss")] for m in evals],
+            "test_curve": [[m["step"] * per_step, m.get("test_accuracy")] for m in metrics if m.get("event") == "test"],
+            "dev_accuracy_best": max((m.get("eval_accuracy") or 0 for m in evals), default=None)}
+
+
 def summarize(spec: SweepSpec, points: Optional[list[Point]] = None) -> list[dict]:
     """One row per point: its overrides, state, the end-of-run results and the dev curve (summary.json/csv)."""
     from dszo.sweep_report import write_summary
@@ -209,18 +225,7 @@ def summarize(spec: SweepSpec, points: Optional[list[Point]] = None) -> list[dic
     for p in points or expand(spec):
         row = {"point": p.index, "name": p.name, **p.overrides, "state": state(p)}
         if row["state"] == "done":
-            results = json.loads((p.out / "results.json").read_text())
-            cfg = load_config(str(p.out / "config.yaml"))
-            per_step = example_forwards_per_step(cfg, results.get("world_size", 1))
-            metrics = read_metrics(p.out)
-            evals = [m for m in metrics if m.get("event") == "eval"]
-            row.update({k: v for k, v in results.items() if k != "event"},
-                       example_forwards=per_step * results["steps"],
-                       dev_curve=[[m["step"] * per_step, m.get("eval_accuracy")] for m in evals],
-                       dev_loss_curve=[[m["step"] * per_step, m.get("eval_loss")] for m in evals],
-                       test_curve=[[m["step"] * per_step, m.get("test_accuracy")] for m in metrics
-                                   if m.get("event") == "test"],
-                       dev_accuracy_best=max((m.get("eval_accuracy") or 0 for m in evals), default=None))
+            row.update(run_row(p.out))
         rows.append(row)
     write_summary(spec, rows)
     return rows

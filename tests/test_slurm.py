@@ -42,10 +42,29 @@ def test_torchrun_recipe_dry_run(tmp_path):
     assert "torchrun' --nnodes 2 --nproc_per_node 8 --node_rank $SLURM_NODEID --master_addr n1" in cmd
 
 
+def _nodes(line: str) -> str:
+    words = line.split()
+    return words[words.index("--nodes") + 1]
+
+
 def test_sweep_submits_one_job_per_node_count(tmp_path):
     lines = _run("slurm/sweep.sh", tmp_path, SWEEP="s1", NODE_COUNTS="1 2 4 8")
-    assert [ln.split()[3] for ln in lines] == ["1", "2", "4", "8"]
+    assert [_nodes(ln) for ln in lines] == ["1", "2", "4", "8"]
     assert all("RUN_DIR=runs/s1/nodes" in ln.replace("\\", "") and ln.endswith("slurm/dszo.sbatch") for ln in lines)
+
+
+def test_sweep_directions_mode_adds_one_group_per_node(tmp_path):
+    """MODES="data directions": at N > 1 nodes also a run with --direction_groups N, in nodes<N>-directions."""
+    lines = [ln.replace("\\", "") for ln in _run("slurm/sweep.sh", tmp_path, SWEEP="s", NODE_COUNTS="1 4",
+                                                   MODES="data directions", EXTRA_ARGS="--max_steps 300")]
+    assert [_nodes(ln) for ln in lines] == ["1", "4", "4"]
+    assert ["RUN_DIR=runs/s/nodes4-directions" in ln for ln in lines] == [False, False, True]
+    assert "EXTRA_ARGS=--max_steps 300 --direction_groups 4 --partition node sbatch" in lines[2]
+    assert "EXTRA_ARGS=--max_steps 300 sbatch" in lines[1]
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    bad = subprocess.run(["bash", "slurm/sweep.sh"], cwd=REPO, env={**e, "DRY_RUN": "1", "MODES": "dirs"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "use data and/or directions" in bad.stderr
 
 
 def test_sweep_array_task_runs_its_point(tmp_path):

@@ -44,6 +44,44 @@ def test_steps_to_the_one_node_accuracy_per_mode(monkeypatch):
         assert found[("zo_act", "directions")] == {1: 300, 4: 100} and found[("zo_act", "data")] == {1: 300, 4: 300}
 
 
+def _cluster_run(root, name: str, nodes: int, groups: int, accuracy: dict[int, float]) -> None:
+    """A run folder as slurm/sweep.sh leaves it: config.yaml, metrics.jsonl, results.json (8 GPUs a node)."""
+    import json
+
+    import yaml
+
+    out = root / name
+    out.mkdir(parents=True)
+    cfg = yaml.safe_load((REPO / "configs/rotten_tomatoes_zo_act.yaml").read_text())
+    cfg.update(direction_groups=groups, per_device_train_batch_size=8, learning_rate=3e-3, seed=7)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"event": "eval", "step": t, "eval_accuracy": a,
+                                                           "eval_loss": 1 - a}) + "\n" for t, a in accuracy.items()))
+    final = accuracy[max(accuracy)]
+    (out / "results.json").write_text(json.dumps({
+        "steps": max(accuracy), "world_size": 8 * nodes, "dev_accuracy_after": final,
+        "dev_loss_after": 1 - final, "test_accuracy": final, "test_majority_rate": 0.6, "mean_step_s": 1.0}))
+
+
+def test_a_clusters_runs_report_like_the_local_study(tmp_path):
+    """`direction_scaling.py report --runs runs/<SWEEP>`: slurm/sweep.sh's folders, N from their names (a node
+    there holds 8 GPUs, not the local study's 8 examples), each mode by its direction groups."""
+    import json
+
+    runs = tmp_path / "runs/scaling"
+    _cluster_run(runs, "nodes1", 1, 1, {0: 0.58, 100: 0.64, 200: 0.70})
+    _cluster_run(runs, "nodes4", 4, 1, {0: 0.58, 100: 0.66, 200: 0.71})
+    _cluster_run(runs, "nodes4-directions", 4, 4, {0: 0.58, 100: 0.70, 200: 0.74})
+    (runs / "logs").mkdir()                                   # not a run: skipped
+    ds.report(tmp_path / "d.json", tmp_path / "d.png", runs=str(runs))
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert sorted(d["runs"]) == ["zo_act n=1 data", "zo_act n=4 data", "zo_act n=4 directions"]
+    assert d["command"].endswith(f"--runs {runs}")
+    assert d["runs"]["zo_act n=4 directions"]["steps_to_1node_final"]["dev_accuracy"] == 100
+    assert d["runs"]["zo_act n=4 data"]["steps_to_1node_final"]["dev_accuracy"] == 200
+    assert (tmp_path / "d.png").stat().st_size > 0
+
+
 def test_the_method_comparison_report_from_its_final_sweeps(monkeypatch, tmp_path):
     import json
 
