@@ -22,8 +22,11 @@ Time to accuracy, data vs direction parallelism (issue 16), where benchmarks/res
 - steps to the 1-node run's final dev loss (--reach-by dev_accuracy: accuracy) at N nodes, per method and mode, follow Amdahl's form
   S(N) = S(1)·(s + (1 − s)/N), s fitted by least squares to the steps measured at N = 1, 2, 4 (s: the share
   of the steps that N times more examples, or directions, per step cannot remove). Assumed to carry over from
-  the 135M model and task measured to the projected model sizes -- the weakest assumption here.
-- step time at N nodes: the ZO node step above (per-GPU batch fixed). Direction parallelism adds the scalars of
+  the 135M model and task measured to the projected model sizes, and from the measured 8 examples a node to a
+  node of 8 GPUs x --batch examples (a larger per-direction batch leaves less for data parallelism to gain) --
+  the weakest assumptions here.
+- step time at N nodes: the ZO node step above (per-GPU batch fixed), with each method's own measured step /
+  forward ratio (step_zo_act.json; MeZO: step_mezo_rademacher.json, the scaling runs' directions). Direction parallelism adds the scalars of
   G = N directions (3G + 1 float64 instead of 4) and applying G − 1 more directions to the GPU's shard: free
   for ZO-Act (its coefficients are ~10⁻⁴ of P), for MeZO G − 1 more draws of Z over the shard (fused into the
   one pass over the weights, so the draws, not the memory traffic, grow: P / GPUs per node / rng_rate each).
@@ -91,9 +94,23 @@ def measured_steps(scaling: dict, by: str = "dev_loss") -> dict[tuple[str, str],
     return found
 
 
+STEP_FILES = {"zo_act": "step_zo_act.json", "mezo": "step_mezo_rademacher.json"}   # the scaling runs' directions
+
+
+def step_ratios() -> dict[str, float]:
+    """Each method's measured step / one forward of the doubled batch (benchmarks/results/step_<method>.json)."""
+    found = {}
+    for method, name in STEP_FILES.items():
+        path = REPO / "benchmarks/results" / name
+        if path.exists():
+            found[method] = json.loads(path.read_text())["summary"]["step_over_fwd2x"]
+    return found
+
+
 def time_to_accuracy(p: float, nodes: int, method: str, mode: str, steps: dict[int, float], a) -> dict:
     s = serial_fraction(steps)
-    step_s = project(p, nodes, a)["zo_node_step_s"]   # the scalar all-reduce: latency-bound, 4 or 3G + 1 floats
+    own = argparse.Namespace(**{**vars(a), "zo_step_over_fwd2x": a.step_ratios.get(method, a.zo_step_over_fwd2x)})
+    step_s = project(p, nodes, own)["zo_node_step_s"]   # the scalar all-reduce: latency-bound, 4 or 3G + 1 floats
     if mode == "directions" and method == "mezo":
         step_s += (nodes - 1) * p / a.gpus_per_node / a.rng_rate
     n_steps = steps[1] * (s + (1 - s) / nodes)
@@ -126,9 +143,11 @@ def main() -> None:
     a = ap.parse_args()
     measured = json.loads((REPO / "benchmarks/results/step_zo_act.json").read_text())["summary"]
     a.zo_step_over_fwd2x = measured["step_over_fwd2x"]
+    a.step_ratios = step_ratios()
     rows = [project(s * 1e9, n, a) for s in a.sizes_b for n in a.nodes]
     assumptions = {k: v for k, v in vars(a).items() if k not in ("out", "sizes_b", "nodes")}
-    assumptions["calibration"] = ("zo_step_over_fwd2x from benchmarks/results/step_zo_act.json; the analytic "
+    assumptions["calibration"] = ("zo_step_over_fwd2x from benchmarks/results/step_zo_act.json (time to accuracy: "
+                                  "step_ratios, each method's own step_<method>.json); the analytic "
                                   "gather volume P·bytes per step is the one measured by tests/test_partition.py")
     scaling = REPO / a.scaling
     tta = []

@@ -14,7 +14,8 @@ from projection import gather_s, measured_steps, project, serial_fraction, time_
 
 def _args(**over):
     a = dict(gpus_per_node=8, tflops=1000.0, mfu=0.5, batch=8, seq=256, bytes_per_param=2.0, grad_bytes=2.0,
-             intra_bw=300e9, inter_bw=50e9, intra_latency=1e-5, inter_latency=2e-5, zo_step_over_fwd2x=1.0)
+             intra_bw=300e9, inter_bw=50e9, intra_latency=1e-5, inter_latency=2e-5, zo_step_over_fwd2x=1.0,
+             step_ratios={})
     a.update(over)
     return argparse.Namespace(**a)
 
@@ -59,6 +60,11 @@ def test_time_to_accuracy_by_mode():
     assert mezo["step_s"] == pytest.approx(base + 3 * p / 8 / 1e11)
     assert time_to_accuracy(p, 4, "mezo", "data", steps, a)["step_s"] == pytest.approx(base)
     assert time_to_accuracy(p, 1, "zo_act", "data", steps, a)["inter_node_bytes_per_step"] == 0
+    # a method's own measured step / forward ratio scales its compute, not the other method's
+    own = _args(rng_rate=1e11, step_ratios={"mezo": 2.0})
+    compute = 4 * p * 8 * 256 / (1000e12 * 0.5)
+    assert time_to_accuracy(p, 4, "mezo", "data", steps, own)["step_s"] == pytest.approx(base + compute)
+    assert time_to_accuracy(p, 4, "zo_act", "data", steps, own)["step_s"] == pytest.approx(base)
 
 
 def test_measured_steps_count_a_run_that_never_reached_the_target_as_its_length():
