@@ -85,7 +85,9 @@ def measured_steps(scaling: dict, by: str = "dev_loss") -> dict[tuple[str, str],
     """{(method, mode): {nodes: steps to the 1-node final dev loss (or accuracy)}} from direction_scaling.json; a
     run that never reached it counts as its whole length (a lower bound: the projection is then optimistic). The
     loss by default: on 300 dev examples an accuracy jumps by ±0.03 between evaluations, so a run can touch the
-    1-node figure early and fall back (measured: both data-parallel runs at step 50), which the loss does not."""
+    1-node figure early and fall back (measured: ZO-Act's 2-node data run at step 50, below it again at 100); the
+    loss moves more smoothly. Either target is one evaluation of one run (ZO-Act's 1-node final dev loss is also
+    its lowest), so the fitted s is sensitive to it: the README gives both readings."""
     found: dict = {}
     for r in scaling["runs"].values():
         reached = (r.get("steps_to_1node_final") or {}).get(by)
