@@ -22,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stop_if_interrupted() { [ "$1" -eq 143 ] && exit 143; return 0; }   # dszo sweep's exit status when interrupted
 sweep() {
-  HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$1.yaml"
+  HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$1.yaml" --kept "benchmarks/results/sweeps/$1"
   stop_if_interrupted $?
   mkdir -p "benchmarks/results/sweeps/$1" && cp runs/sweeps/$1/summary.* "benchmarks/results/sweeps/$1/" 2>/dev/null
 }

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/python benchmarks/direction_scaling.py plan
 for name in ${SPECS:-scaling_bytes scaling_zo_act scaling_mezo}; do
   [ -f "sweeps/$name.yaml" ] || continue
-  HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$name.yaml"
+  HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$name.yaml" --kept "benchmarks/results/sweeps/$name"
   [ $? -eq 143 ] && exit 143   # interrupted: stop here; running it again resumes
   mkdir -p "benchmarks/results/sweeps/$name" && cp runs/sweeps/$name/summary.* "benchmarks/results/sweeps/$name/" 2>/dev/null
   if [ "$name" = scaling_bytes ]; then   # the bytes a step are in the runs' metrics (3 steps each): keep them

@@ -24,7 +24,7 @@ for pass in $PASSES; do
     [ "$pass" = all ] && [ -f "sweeps/final_${m}_stable.yaml" ] && name=final_${m}_stable
     [ -f "sweeps/$name.yaml" ] || continue
     if [ "$pass" = first ]; then point=(--point 0); else point=(); fi
-    HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$name.yaml" "${point[@]}"
+    HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/$name.yaml" "${point[@]}" --kept "benchmarks/results/sweeps/$name"
     [ $? -eq 143 ] && exit 143   # interrupted (Ctrl-C, SIGTERM): stop here; running it again resumes
     mkdir -p "benchmarks/results/sweeps/$name"
     cp runs/sweeps/$name/summary.* "benchmarks/results/sweeps/$name/" 2>/dev/null

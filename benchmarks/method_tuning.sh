@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "method_tuning: run 'bash launch/setup.sh' first" >&2; exit 2; }
 status=0
 for m in ${METHODS:-zo_act mezo lozo agzo lozo_m first_order}; do
-  HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/probe_$m.yaml"
+  HF_HUB_OFFLINE=1 .venv/bin/python -m dszo sweep "sweeps/probe_$m.yaml" --kept "benchmarks/results/sweeps/probe_$m"
   rc=$?; [ $rc -eq 143 ] && exit 143   # interrupted: stop here; running it again resumes
   [ $rc -eq 0 ] || status=1
   mkdir -p "benchmarks/results/sweeps/probe_$m"

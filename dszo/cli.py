@@ -186,9 +186,11 @@ def sweep_command(argv: list[str]) -> int:
     p.add_argument("--point", type=int, help="run only this point (e.g. $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--list", action="store_true", help="list the points and their state")
     p.add_argument("--summary", action="store_true", help="only write the summary table and plot")
+    p.add_argument("--kept", metavar="DIR", help="a kept copy of this sweep's summary (DIR/summary.json): the points "
+                   "it records as done or diverged are not run again and keep their rows")
     a = p.parse_args(argv)
     try:
-        return sweep.main(a.spec, a.point, a.list, a.summary)
+        return sweep.main(a.spec, a.point, a.list, a.summary, a.kept)
     except ConfigError as e:
         print(f"dszo sweep: error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -4,6 +4,8 @@
     python -m dszo sweep sweeps/rotten_tomatoes_lr.yaml --list     # the points and their state
     python -m dszo sweep sweeps/rotten_tomatoes_lr.yaml --point 3  # only point 3 (a Slurm array task)
     python -m dszo sweep sweeps/rotten_tomatoes_lr.yaml --summary  # only summary.csv / summary.json / plots
+    python -m dszo sweep SPEC --kept benchmarks/results/sweeps/NAME   # a fresh machine: keep the finished points
+                                                                      # of a committed summary, run the rest
 
 Resumable: a point whose folder holds results.json is done and never runs again; an interrupted point resumes
 from its latest checkpoint (set save_steps in `overrides`), or starts over when it has none or its method
@@ -217,8 +219,19 @@ def run_row(out: Path) -> dict:
             "dev_accuracy_best": max((m.get("eval_accuracy") or 0 for m in evals), default=None)}
 
 
-def summarize(spec: SweepSpec, points: Optional[list[Point]] = None) -> list[dict]:
-    """One row per point: its overrides, state, the end-of-run results and the dev curve (summary.json/csv)."""
+def kept_rows(folder: Optional[str | Path]) -> dict[str, dict]:
+    """The points a kept copy of the sweep's summary (`--kept DIR`: DIR/summary.json, e.g. the one committed under
+    benchmarks/results/sweeps/<name>/) records as finished -- done or diverged -- by name: on a fresh machine,
+    whose run folders are gone, they are not run again and their rows stay in the summary."""
+    path = Path(folder) / "summary.json" if folder else None
+    if path is None or not path.exists():
+        return {}
+    return {r["name"]: r for r in json.loads(path.read_text())["rows"] if r.get("state") in ("done", "diverged")}
+
+
+def summarize(spec: SweepSpec, points: Optional[list[Point]] = None, kept: Optional[dict] = None) -> list[dict]:
+    """One row per point: its overrides, state, the end-of-run results and the dev curve (summary.json/csv); a
+    point with no finished run of its own keeps its row from `kept` (kept_rows) where that has one."""
     from dszo.sweep_report import write_summary
 
     rows = []
@@ -226,17 +239,25 @@ def summarize(spec: SweepSpec, points: Optional[list[Point]] = None) -> list[dic
         row = {"point": p.index, "name": p.name, **p.overrides, "state": state(p)}
         if row["state"] == "done":
             row.update(run_row(p.out))
+        elif row["state"] != "diverged" and p.name in (kept or {}):
+            row = {**kept[p.name], "point": p.index}
         rows.append(row)
     write_summary(spec, rows)
     return rows
 
 
-def main(spec_path: str, point: Optional[int], list_only: bool, summary_only: bool) -> int:
+def main(spec_path: str, point: Optional[int], list_only: bool, summary_only: bool,
+         kept_dir: Optional[str] = None) -> int:
     spec = load_spec(spec_path)
     points = expand(spec)
+    kept = kept_rows(kept_dir)
+    finished = lambda p: state(p) in ("done", "diverged") or p.name in kept  # noqa: E731
     if list_only:
         for p in points:
-            print(f"{p.index:4d}  {state(p):11}  {p.name}")
+            shown = state(p)
+            if shown not in ("done", "diverged") and p.name in kept:
+                shown = f"{kept[p.name]['state']} (kept)"
+            print(f"{p.index:4d}  {shown:11}  {p.name}")
         return 0
     failed = 0
     if not summary_only:
@@ -244,12 +265,12 @@ def main(spec_path: str, point: Optional[int], list_only: bool, summary_only: bo
             raise ConfigError(f"--point {point}: the sweep has points 0..{len(points) - 1}")
         try:
             for p in ([points[point]] if point is not None else points):
-                if state(p) not in ("done", "diverged"):
+                if not finished(p):
                     failed += not run_point(spec, p)
         except (SweepStopped, KeyboardInterrupt) as e:
             print(f"[sweep] stopped: {e or 'interrupted'}", flush=True)
-            summarize(spec, points)
+            summarize(spec, points, kept)
             return 143
-    summarize(spec, points)
+    summarize(spec, points, kept)
     print(f"[sweep] summary in {Path(spec.output_dir) / 'summary.csv'}")
     return 1 if failed else 0

@@ -1,6 +1,7 @@
 """Sweeps (dszo/sweep.py): spec checking, the points, resumability, and a real two-point sweep of tiny runs."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -88,6 +89,20 @@ def test_a_sweep_runs_every_point_once_and_summarises(tmp_path, tiny_model, tiny
     # test_eval_steps: 1 -> the test split after step 1 and at the end, each beside its majority-class rate
     assert all([x for x, _ in r["test_curve"]] == [16, 32] and 0.5 <= r["test_majority_rate"] <= 1 for r in summary)
     assert (out / "summary.png").stat().st_size > 0
+    # a fresh machine: the run folders are gone, a kept copy of the summary is not -- nothing runs again, the
+    # finished points keep their rows; without --kept the same sweep would start over
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "summary.json").write_text((out / "summary.json").read_text())
+    shutil.rmtree(out)
+    listing = subprocess.run(cmd + ["--list", "--kept", str(kept)], capture_output=True, text=True, cwd=REPO,
+                             env=rank_env(), timeout=120)
+    assert listing.stdout.count("done (kept)") == 2, listing.stdout
+    fresh = subprocess.run(cmd + ["--kept", str(kept)], capture_output=True, text=True, cwd=REPO, env=rank_env(),
+                           timeout=300)
+    assert fresh.returncode == 0 and "done in" not in fresh.stdout, fresh.stdout + fresh.stderr
+    assert [{k: v for k, v in r.items() if k != "point"} for r in json.loads((out / "summary.json").read_text())["rows"]] \
+        == [{k: v for k, v in r.items() if k != "point"} for r in summary]
 
 
 def test_a_failing_point_is_recorded_and_the_sweep_exits_non_zero(tmp_path, tiny_model, tiny_data):
