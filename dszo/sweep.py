@@ -251,13 +251,14 @@ def main(spec_path: str, point: Optional[int], list_only: bool, summary_only: bo
     spec = load_spec(spec_path)
     points = expand(spec)
     kept = kept_rows(kept_dir)
-    finished = lambda p: state(p) in ("done", "diverged") or p.name in kept  # noqa: E731
+
+    def shown_state(p: Point) -> str:
+        own = state(p)
+        return f"{kept[p.name]['state']} (kept)" if own not in ("done", "diverged") and p.name in kept else own
+
     if list_only:
         for p in points:
-            shown = state(p)
-            if shown not in ("done", "diverged") and p.name in kept:
-                shown = f"{kept[p.name]['state']} (kept)"
-            print(f"{p.index:4d}  {shown:11}  {p.name}")
+            print(f"{p.index:4d}  {shown_state(p):11}  {p.name}")
         return 0
     failed = 0
     if not summary_only:
@@ -265,7 +266,7 @@ def main(spec_path: str, point: Optional[int], list_only: bool, summary_only: bo
             raise ConfigError(f"--point {point}: the sweep has points 0..{len(points) - 1}")
         try:
             for p in ([points[point]] if point is not None else points):
-                if not finished(p):
+                if shown_state(p).split()[0] not in ("done", "diverged"):
                     failed += not run_point(spec, p)
         except (SweepStopped, KeyboardInterrupt) as e:
             print(f"[sweep] stopped: {e or 'interrupted'}", flush=True)
