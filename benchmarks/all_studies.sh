@@ -10,11 +10,13 @@
 #                                        the same with the rate and eps relative to each layer's output
 #   4. benchmarks/direction_scaling.sh   MeZO's scaling runs (issue 16's second method) -> direction_scaling.*
 #   5. benchmarks/projection.py          time to accuracy on clusters from 2 and 4.
-#   6. sweeps/zo_act_recipe.yaml         ZO-Act: lr decay, half batch, two directions, eps, rank (the main job's recipe)
+#   6. sweeps/zo_act_recipe_output_rms.yaml  the main job's recipe in output_rms units: lr, eps, rank, decay,
+#                                        calibration size (sweeps/zo_act_recipe.yaml did it in orthonormal units)
 #   7. benchmarks/method_comparison.sh all     the second seeds (and stable reruns of diverged methods)
 #   8. sweeps/zo_act_{fp32,refresh}.yaml ZO-Act's final runs on the fp32 base (the 4-bit claim) / refreshed bases
 #   9. sweeps/first_order_zo_act_params.yaml  backprop on exactly ZO-Act's parameters (down_proj, r 1, nf4)
 # The order puts what answers a whole question first (issue 16 needs only 2 and 4; issue 15 the rest).
+# On a fresh machine every sweep keeps the finished points of its committed summary (dszo sweep --kept).
 # Hours on this 2-core machine (measured: the probes ~2.5 h, a final ZO run ~0.5 h, ZO-Act's scaling runs ~1.5 h;
 # estimated: the final runs with their stable reruns ~8 h, fp32 ~1 h, MeZO's scaling runs ~2.5 h, recipe, refresh
 # and transfer ~3 h).
@@ -32,7 +34,7 @@ sweep transfer
 sweep transfer_output_rms
 bash benchmarks/direction_scaling.sh; stop_if_interrupted $?
 .venv/bin/python benchmarks/projection.py
-sweep zo_act_recipe          # before the second seeds: the main job's recipe depends on it (issue 15)
+sweep zo_act_recipe_output_rms   # before the second seeds: the main job's recipe depends on it (issue 15)
 bash benchmarks/method_comparison.sh all; stop_if_interrupted $?
 sweep zo_act_fp32
 sweep zo_act_refresh
