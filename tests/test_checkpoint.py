@@ -5,7 +5,7 @@
 - a rank killed with SIGKILL ends the whole job non-zero within a bounded time; the last checkpoint stays
   valid and a relaunch with resume_from_checkpoint: latest finishes bit-identical;
 - a 2-rank checkpoint resumed on 1 rank (resharded on load) ends equal within fp32 tolerance;
-- the seed-replay log rebuilds the trained tensors bit for bit;
+- the seed-replay log rebuilds the trained tensors bit for bit (also with direction groups and several directions);
 - non-finite losses are skipped and counted; max_bad_steps in a row stop the run with a checkpoint.
 """
 from __future__ import annotations
@@ -193,6 +193,18 @@ def test_replay_log_rebuilds_the_trained_tensors(reference):
            extra=["--run", str(reference)])
 
     a, b = load_adapter(reference), load_file(str(reference / "replayed" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_replay_log_of_a_run_with_direction_groups(tiny_model, tiny_data, tmp_path):
+    """2 groups x 2 sequential directions: a step logs its 4 g's in the order d·G + k, which replay regenerates."""
+    run = tmp_path / "groups"
+    cfg = _cfg(tiny_model, tiny_data, run, ranks=1, max_steps=3, save_steps=0, direction_groups=2)
+    cfg["method"] = {**cfg.get("method", {}), "num_directions": 2}
+    launch(cfg, 1)
+    assert all(len(r["proj_grads"]) == 4 for r in step_records(run))
+    launch({"output_dir": str(tmp_path / "replay_cfg")}, 1, command="replay", with_config=False, extra=["--run", str(run)])
+    a, b = load_adapter(run), load_file(str(run / "replayed" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
