@@ -157,7 +157,8 @@ def report(out: Path, plot: Path, runs: str | None = None) -> None:
     from benchmarks.common import environment
 
     table = _table(cluster_rows(Path(runs)) if runs else None)
-    command = f"python benchmarks/direction_scaling.py report --runs {runs}" if runs else "bash benchmarks/direction_scaling.sh"
+    command = (f"python benchmarks/direction_scaling.py report --runs {runs}" if runs
+               else "bash benchmarks/direction_scaling.sh")
     out.write_text(json.dumps({"benchmark": "direction_scaling", "environment": environment(), "command": command,
                                "nodes_per_run_note": __doc__,
                                "bytes_per_step_4_nodes": {} if runs else _bytes_per_step(), "runs": table},
