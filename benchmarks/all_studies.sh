@@ -17,9 +17,9 @@
 #   9. sweeps/first_order_zo_act_params.yaml  backprop on exactly ZO-Act's parameters (down_proj, r 1, nf4)
 # The order puts what answers a whole question first (issue 16 needs only 2 and 4; issue 15 the rest).
 # On a fresh machine every sweep keeps the finished points of its committed summary (dszo sweep --kept).
-# Hours on this 2-core machine (measured: the probes ~2.5 h, a final ZO run ~0.5 h, ZO-Act's scaling runs ~1.5 h;
-# estimated: the final runs with their stable reruns ~8 h, fp32 ~1 h, MeZO's scaling runs ~2.5 h, recipe, refresh
-# and transfer ~3 h).
+# Hours on this 2-core machine (measured: the probes ~2.5 h, a final ZO run ~0.5 h, ZO-Act's scaling runs ~1.5 h,
+# MeZO's ~2.5 h, a recipe point ~25 min (steps 3.4 s on an Intel Xeon, 2.4 s on an AMD EPYC); estimated: the final
+# runs with their stable reruns ~8 h, fp32 ~1 h, the rest of the recipe ~2 h, refresh ~1 h).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stop_if_interrupted() { [ "$1" -eq 143 ] && exit 143; return 0; }   # dszo sweep's exit status when interrupted
