@@ -83,9 +83,11 @@ LAUNCHERS = {"zo_act": ("deepspeed --num_gpus 2", 2), "first_order": ("deepspeed
              "agzo": ("bash launch/sim_cluster.sh 2 1", 2), "lozo_m": ("bash launch/sim_cluster.sh 2 1", 2)}
 
 
-# The units each method's probed rates are in, pinned in every run built from the probes: ZO-Act's (and the
-# first-order reference's) basis_scale default became output_rms after the probes ran in orthonormal units.
-PINNED = {"zo_act": {"method.basis_scale": "orthonormal"}, "first_order": {"method.basis_scale": "orthonormal"}}
+# What each method's probes ran with, pinned in every run built from them: ZO-Act's (and the first-order
+# reference's) basis_scale default became output_rms after the probes ran in orthonormal units; ZO-Act's probes
+# and final runs ran on the nf4 base, whatever the main job's config says later (zo_act_fp32 is their fp32 twin).
+PINNED = {"zo_act": {"method.basis_scale": "orthonormal", "model.quantization": "nf4"},
+          "first_order": {"method.basis_scale": "orthonormal"}}
 PINNED_KEYS = {k for keys in PINNED.values() for k in keys}
 
 
