@@ -11,7 +11,8 @@
 #   4. benchmarks/direction_scaling.sh   MeZO's scaling runs (issue 16's second method) -> direction_scaling.*
 #   5. benchmarks/projection.py          time to accuracy on clusters from 2 and 4.
 #   6. sweeps/zo_act_recipe_output_rms.yaml  the main job's recipe in output_rms units: lr, eps, rank, decay,
-#                                        calibration size (sweeps/zo_act_recipe.yaml did it in orthonormal units)
+#                                        calibration size (sweeps/zo_act_recipe.yaml did it in orthonormal units);
+#                                        then sweeps/zo_act_main_fp32.yaml, the main job on the fp32 base
 #   7. benchmarks/method_comparison.sh all     the second seeds (and stable reruns of diverged methods)
 #   8. sweeps/zo_act_{fp32,refresh}.yaml ZO-Act's final runs on the fp32 base (the 4-bit claim) / refreshed bases
 #   9. sweeps/first_order_zo_act_params.yaml  backprop on exactly ZO-Act's parameters (down_proj, r 1, nf4)
@@ -35,6 +36,7 @@ sweep transfer_output_rms
 bash benchmarks/direction_scaling.sh; stop_if_interrupted $?
 .venv/bin/python benchmarks/projection.py
 sweep zo_act_recipe_output_rms   # before the second seeds: the main job's recipe depends on it (issue 15)
+sweep zo_act_main_fp32           # the main job on fp32: which difference lets the fp32 base pay
 bash benchmarks/method_comparison.sh all; stop_if_interrupted $?
 sweep zo_act_fp32
 sweep zo_act_refresh
