@@ -16,6 +16,7 @@ The spec (YAML) is documented in the README ("Sweeps") and by SweepSpec below.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import re
@@ -106,6 +107,16 @@ def _config(path: str, overrides: dict):
     return load_config(path, parse_overrides(_args(overrides)))
 
 
+MAX_NAME = 120  # a point's folder name; a longer one (a long swept list) is cut and ends in a hash of the whole
+
+
+def _folder_name(text: str) -> str:
+    name = re.sub(r"[^\w.=,+\-\[\]]", "", text)
+    if len(name) <= MAX_NAME:
+        return name
+    return f"{name[:MAX_NAME - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 def expand(spec: SweepSpec) -> list[Point]:
     keys = list(spec.grid)
     sets = [dict(zip(keys, combo)) for combo in itertools.product(*(spec.grid[k] for k in keys))] if keys else []
@@ -115,7 +126,7 @@ def expand(spec: SweepSpec) -> list[Point]:
     for overrides in sets:
         for seed in spec.seeds:
             values = {**overrides, "seed": seed}
-            name = re.sub(r"[^\w.=,+\-\[\]]", "", ",".join(f"{k}={_text(v)}" for k, v in values.items()))
+            name = _folder_name(",".join(f"{k}={_text(v)}" for k, v in values.items()))
             points.append(Point(len(points), name, values, Path(spec.output_dir) / name))
     return points
 

@@ -33,6 +33,16 @@ def test_grid_times_seeds_then_points_each_in_its_own_folder(tmp_path, tiny_mode
     assert len({p.out for p in points}) == 6 and all(sweep.state(p) == "pending" for p in points)
 
 
+def test_a_long_point_name_becomes_a_short_distinct_folder(tmp_path, tiny_model, tiny_data):
+    """A long swept list (every block's module name) once made a folder name the file system refused."""
+    names = [[f"layers.{i}.mlp.down_proj" for i in range(k, k + 10)] for k in (0, 1)]
+    spec = sweep.load_spec(_spec(tmp_path, tiny_model, tiny_data, grid={"method.target_modules": names}))
+    points = sweep.expand(spec)
+    assert all(len(p.out.name) <= sweep.MAX_NAME for p in points) and len({p.out for p in points}) == 2
+    for p in points:
+        p.out.mkdir(parents=True)
+
+
 @pytest.mark.parametrize("bad,message", [({"grid": {"learnin_rate": [1]}}, "learnin_rate"),
                                          ({"grid": {"learning_rate": []}}, "non-empty list"),
                                          ({"overrides": {"method.rnak": 2}}, "rnak"),

@@ -36,6 +36,9 @@ class ZOActConfig(MethodConfig):
     # (module-name suffixes as in PEFT; "all-linear" = every nn.Linear except the LM head).
     rank: int = 1
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # Only the target modules in these blocks (PEFT's layers_to_transform; negative: from the last block, so the
+    # same list means the same part of a model of any depth); None: every block.
+    layers_to_transform: Optional[list[int]] = None
     num_calibration: int = 64          # training examples (over all ranks) the bases are computed from
     calibration_batch_size: int = 16
     basis_power_iters: int = 1         # the calibration data is read basis_power_iters + 1 times
@@ -117,7 +120,8 @@ class ZOAct(DenseEstimateState, ZOMethod):
         self.scale_ratio: dict[str, float] = {}
         self.adapters: dict[str, ZOActLinear] = wrap_linear_layers(
             model, self.cfg.method.target_modules, lambda name, linear: ZOActLinear(
-                linear, self.cfg.method.rank, self.perturbation, self.calibration, tensor_key(f"{name}.zo_B")))
+                linear, self.cfg.method.rank, self.perturbation, self.calibration, tensor_key(f"{name}.zo_B")),
+            self.cfg.method.layers_to_transform)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {f"{n}.zo_B": a.zo_B for n, a in self.adapters.items()}

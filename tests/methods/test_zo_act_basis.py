@@ -112,3 +112,15 @@ def test_target_modules_selection_and_error():
     with pytest.raises(ValueError, match=r"matched no linear layer; available: mlp, q_proj, v_proj"):
         _zo_act(nn.ModuleDict({"q_proj": nn.Linear(4, 4), "v_proj": nn.Linear(4, 4), "mlp": nn.Linear(4, 4)}),
                 rank=1, target_modules=["o_proj"])
+
+
+def test_layers_to_transform_picks_blocks_counting_from_either_end():
+    blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(4, 4), "down": nn.Linear(4, 4)}) for _ in range(5))
+    model = nn.ModuleDict({"layers": blocks, "head": nn.Linear(4, 4)})
+    m = _zo_act(model, rank=1, target_modules=["down"], layers_to_transform=[0, -2, -1])
+    assert sorted(m.adapters) == ["layers.0.down", "layers.3.down", "layers.4.down"]
+    import pytest
+
+    with pytest.raises(ValueError, match=r"the model has 5 blocks, so indices run from -5 to 4; \[5\] are outside"):
+        _zo_act(nn.ModuleDict({"layers": nn.ModuleList(nn.ModuleDict({"down": nn.Linear(4, 4)}) for _ in range(5))}),
+                rank=1, target_modules=["down"], layers_to_transform=[1, 5])
