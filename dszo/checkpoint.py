@@ -63,8 +63,10 @@ def finish(out: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
     if keep > 0:
         done = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
                       key=lambda p: int(p.name.split("-")[-1]))
+        best = (meta.get("best_model") or {}).get("step")   # the dev-best model's, kept as HF keeps it (dszo/best.py)
         for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != step_dir(out, best if best is not None else -1):
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -285,6 +287,13 @@ def _differences(name: str, a, b):
             yield from _differences(f"{name}.{k}", a.get(k), b.get(k))
     elif a != b:
         yield name, a, b
+
+
+def restore_method(path: Path, method) -> None:
+    """Only the method's state (trained tensors, optimiser moments, scalars): the dev-best model loaded back at the
+    end of a run (dszo/best.py)."""
+    meta = read_meta(path)
+    method.load_state_dict(SavedState(Reader(path, meta["world_size"]), meta["method_state"]))
 
 
 def restore(path: Path, meta: dict, method, trainer) -> int:

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from dszo import best
 from dszo.errors import ConfigError
 from dszo.methods import registry
 from dszo.methods.base import MethodConfig
@@ -108,6 +109,12 @@ class TrainConfig:
     max_bad_steps: int = 10           # stop (with a checkpoint) after N steps in a row with a non-finite loss; 0: never
     replay_log: bool = True           # <output_dir>/replay.jsonl: (seed, g, lr) per step; `dszo replay` rebuilds the run
     eval_before_training: bool = True
+    # Keep the dev-best model (dszo/best.py): a dev evaluation that beats the earlier ones saves a checkpoint, which
+    # is loaded back at the end for the test split and the saved tensors. The metric: loss or accuracy (f1 or
+    # exact_match for generation tasks); greater_is_better unset: true unless the metric is a loss (HF's rule).
+    load_best_model_at_end: bool = False
+    metric_for_best_model: str = "loss"
+    greater_is_better: Optional[bool] = None
     do_predict: bool = False          # also evaluate the test split at the end (results.json: test_*)
     ddp_timeout: int = 600            # seconds; every collective fails after this instead of hanging
     # ZeRO-3 partition group of the frozen base and the trainable tensors. node: each node holds one sharded copy
@@ -300,6 +307,14 @@ def validate(cfg: TrainConfig) -> None:
                  f"(dszo/tasks/); for your own prompt use task: custom")
     need(not (task.kind == "generation" and d.loss != "lm"),
          f"task {d.task} is a generation task: train it with data.loss: lm (the answer tokens' likelihood)")
+    if cfg.load_best_model_at_end:
+        need(cfg.eval_steps > 0, "load_best_model_at_end needs dev evaluations during training to choose from: set "
+             "eval_steps (e.g. a tenth of max_steps)")
+        need(cfg.method.capabilities().resumable, f"load_best_model_at_end cannot load {cfg.method.name}'s best "
+             "state back: it lives in DeepSpeed's training engine, which dszo's checkpoints do not hold")
+        known = best.metrics_of(task.kind)
+        need(best.metric_name(cfg.metric_for_best_model) in known, f"metric_for_best_model "
+             f"{cfg.metric_for_best_model!r}: task {d.task} reports {' and '.join(known)} on the dev split")
     for key in ("train_size", "dev_size", "test_size", "num_demos"):
         need(getattr(d, key) >= 0, f"data.{key} must be >= 0, got {getattr(d, key)}")
     need(d.max_length >= 8 and d.max_new_tokens >= 1, "data.max_length must be >= 8 and data.max_new_tokens >= 1")

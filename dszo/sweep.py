@@ -226,7 +226,9 @@ def run_row(out: Path) -> dict:
             "example_forwards": per_step * results["steps"],
             "dev_curve": [[m["step"] * per_step, m.get("eval_accuracy")] for m in evals],
             "dev_loss_curve": [[m["step"] * per_step, m.get("eval_loss")] for m in evals],
-            "test_curve": [[m["step"] * per_step, m.get("test_accuracy")] for m in metrics if m.get("event") == "test"],
+            # a loaded-back dev-best model's test (model_step) is not a point of the run's trajectory
+            "test_curve": [[m["step"] * per_step, m.get("test_accuracy")] for m in metrics
+                           if m.get("event") == "test" and "model_step" not in m],
             "dev_accuracy_best": max((m.get("eval_accuracy") or 0 for m in evals), default=None)}
 
 

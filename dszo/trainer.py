@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from dszo import checkpoint, comm
 from dszo.assembly import build_run
+from dszo.best import BestModel
 from dszo.config import ConfigError, TrainConfig, to_dict
 from dszo.data import StepSampler
 from dszo.directions import step_seed
@@ -92,6 +93,8 @@ class Trainer:
         self.sampler = StepSampler(len(self.run.train_split), global_batch, self.run_seed)
         self.slots, self.position, self.sharing = direction_layout(cfg, global_batch)
         self.start_step = self.completed_steps = 0
+        self.best = BestModel(cfg.metric_for_best_model, cfg.greater_is_better) if cfg.load_best_model_at_end else None
+        self.saved_at: Optional[int] = None
         tic = time.perf_counter()
         if resume:
             checkpoint.restore(*resume, self.method, self)
@@ -123,11 +126,11 @@ class Trainer:
             self.log_step(t, record, batches, comm_before)
             self.stop_if_diverged(t + 1, record)
             if cfg.eval_steps and (t + 1) % cfg.eval_steps == 0 and t + 1 != cfg.max_steps:
-                self.evaluate(t + 1)
+                self.keep_if_best(t + 1, self.evaluate(t + 1))
             if cfg.test_eval_steps and (t + 1) % cfg.test_eval_steps == 0 and t + 1 != cfg.max_steps:
                 self.evaluate(t + 1, self.test, "test")
             self.stop_if_requested(t + 1)
-            if cfg.save_steps and (t + 1) % cfg.save_steps == 0:
+            if cfg.save_steps and (t + 1) % cfg.save_steps == 0 and self.saved_at != t + 1:
                 self.save(t + 1)
         bar.close()
         self.replay.close()
@@ -187,15 +190,36 @@ class Trainer:
                 return {k.removeprefix("eval_"): v for k, v in r.items() if k.startswith("eval_") and k != "eval_s"}
         return None
 
-    def evaluate(self, step: int, split=None, prefix: str = "eval") -> dict:
+    def evaluate(self, step: int, split=None, prefix: str = "eval", model_step: Optional[int] = None) -> dict:
+        """model_step: the step of the model evaluated where it is not `step` (the dev-best one, loaded back)."""
         split = self.dev if split is None else split
         res = evaluate(self.runtime, split, self.cfg.per_device_eval_batch_size, self.data.generation)
-        self.metrics.log({"event": prefix, "step": step,
+        loaded = {"model_step": model_step} if model_step not in (None, step) else {}
+        self.metrics.log({"event": prefix, "step": step, **loaded,
                           **{f"{prefix}_s" if k == "eval_s" else f"{prefix}_{k}": v for k, v in res.items()}})
         return res
 
+    def keep_if_best(self, step: int, result: dict) -> None:
+        """load_best_model_at_end: a dev evaluation better than the earlier ones is saved (and kept from pruning)."""
+        if self.best is not None and self.best.improves(result):
+            self.best.keep(step, result)
+            self.save(step)
+
+    def load_best(self, last: dict) -> tuple[dict, dict]:
+        """At max_steps: the kept model's dev result (this one's, if it is the best) and results.json's fields."""
+        step = self.cfg.max_steps
+        if self.best.improves(last):
+            self.best.keep(step, last)
+        else:
+            checkpoint.restore_method(checkpoint.step_dir(self.out, self.best.step), self.method)
+            if self.main:
+                tqdm.write(f"[dszo] loaded the dev-best model, step {self.best.step} of {step} "
+                           f"({self.best.metric} {self.best.value:.4f})")
+        return self.best.result, self.best.summary(step, last)
+
     def save(self, step: int) -> Path:
         tic = time.perf_counter()
+        self.saved_at = step
         path = checkpoint.save(self.out, step, self.method, self, self.cfg.save_total_limit)
         self.metrics.log({"event": "checkpoint", "step": step, "path": str(path), "save_s": time.perf_counter() - tic})
         return path
@@ -203,10 +227,13 @@ class Trainer:
     # -- checkpointed state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"run_seed": self.run_seed, "config": to_dict(self.cfg),
-                "data": {"next_step": self.completed_steps, "global_batch": self.sampler.global_batch}}
+                "data": {"next_step": self.completed_steps, "global_batch": self.sampler.global_batch},
+                **({"best_model": self.best.state_dict()} if self.best else {})}
 
     def load_state_dict(self, meta: dict) -> None:
         self.start_step = self.completed_steps = int(meta["step"])
+        if self.best is not None:
+            self.best.load_state_dict(meta.get("best_model"))
 
     # -- set-up and end --------------------------------------------------------------------------------------
     def _log_setup(self) -> None:
@@ -227,14 +254,18 @@ class Trainer:
     def finish(self, before: Optional[dict]) -> dict:
         """Final evaluation(s), the trained tensors, the summary line and results.json."""
         cfg = self.cfg
-        after = self.evaluate(cfg.max_steps)
-        test = self.evaluate(cfg.max_steps, self.test, "test") if cfg.do_predict or cfg.test_eval_steps else None
-        save_trained(self.method, self.out, cfg, cfg.max_steps)
+        after, kept = self.evaluate(cfg.max_steps), {}
+        if self.best is not None:
+            after, kept = self.load_best(after)
+        kept_step = kept.get("best_model_step", cfg.max_steps)
+        test = (self.evaluate(cfg.max_steps, self.test, "test", model_step=kept_step)
+                if cfg.do_predict or cfg.test_eval_steps else None)
+        save_trained(self.method, self.out, cfg, kept_step)
         steady = self.step_times[1:] or self.step_times
         summary = {"event": "end", **{f"dev_{k}_before": v for k, v in (before or {}).items() if k != "eval_s"},
                    **{f"dev_{k}_after": v for k, v in after.items() if k != "eval_s"},
                    **{f"test_{k}": v for k, v in (test or {}).items()}, "steps": cfg.max_steps,
-                   "resumed_from_step": self.start_step, "skipped_steps": self.skipped,
+                   "resumed_from_step": self.start_step, "skipped_steps": self.skipped, **kept,
                    "mean_step_s": sum(steady) / len(steady) if steady else None, "world_size": comm.world_size(),
                    "wall_s": time.perf_counter() - self.started, "peak_rss_mb": peak_rss_mb()}
         self.metrics.log(summary)
@@ -242,5 +273,6 @@ class Trainer:
         if self.main:
             write_results(self.out, summary)
             tqdm.write(f"[dszo] dev {headline(after, before)} after {cfg.max_steps} steps"
+                       + (f" (the dev-best model, step {kept_step})" if kept_step != cfg.max_steps else "")
                        + (f"; test {headline(test)}" if test else "") + f"; outputs in {self.out}")
         return summary

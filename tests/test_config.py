@@ -41,6 +41,12 @@ def test_unknown_nested_key(tmp_path):
     ("method:\n  rank: 0\n", r"method.rank must be >= 1"),
     ("data:\n  task: jsonl\n", r"needs data.path"),
     ("- a\n- b\n", r"must hold a mapping"),
+    ("load_best_model_at_end: true\n", r"load_best_model_at_end needs dev evaluations .*set eval_steps"),
+    ("load_best_model_at_end: true\neval_steps: 5\nmetric_for_best_model: f1\n",
+     r"metric_for_best_model 'f1': task rotten_tomatoes reports loss and accuracy"),
+    ("load_best_model_at_end: true\neval_steps: 5\nmethod:\n  name: first_order\n",
+     r"cannot load first_order's best state back"),
+    ("greater_is_better: maybe\n", r"'greater_is_better': expected true/false"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
