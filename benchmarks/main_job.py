@@ -58,6 +58,7 @@ def main():
     p.add_argument("--config", default="configs/rotten_tomatoes_zo_act.yaml")
     p.add_argument("--log", required=True, help="the main job's console log (with /usr/bin/time -v output)")
     p.add_argument("--out", default="benchmarks/results/main_job.json")
+    p.add_argument("--overrides", default="", help="the command-line overrides the job ran with, if any")
     a = p.parse_args()
     cfg = load_config(a.config)
     run = Path(cfg.output_dir)
@@ -70,9 +71,15 @@ def main():
     steps = [m for m in metrics if "event" not in m]
     out = {
         "benchmark": "main_job", "environment": environment(),
-        "command": ".venv/bin/deepspeed --num_gpus 2 dszo/train.py --config " + a.config,
+        "command": (".venv/bin/deepspeed --num_gpus 2 dszo/train.py --config " + a.config + " " + a.overrides).strip(),
         "wall_clock_total": wall, "train_py_wall_s": results["wall_s"], "mean_step_s": results["mean_step_s"],
         "dev_accuracy_before": results["dev_accuracy_before"], "dev_accuracy_after": results["dev_accuracy_after"],
+        # with load_best_model_at_end: the step of the kept (dev-best) model and the last step's dev figure
+        **{k: results[k] for k in ("best_model_step", "metric_for_best_model", "dev_accuracy_last", "dev_loss_last")
+           if k in results},
+        # the kept model on the test split (do_predict), never used to choose anything
+        **{k: results[k] for k in ("test_accuracy", "test_loss", "test_majority_rate", "test_num_examples")
+           if k in results},
         "evals": evals, "train_loss_first_last": [steps[0]["loss"], steps[-1]["loss"]] if steps else None,
         "setup": next(m for m in metrics if m.get("event") == "setup"),
         "dev_majority_rate": results.get("dev_majority_rate_after"),
