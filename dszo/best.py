@@ -12,6 +12,7 @@ chooses.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 
@@ -41,8 +42,11 @@ class BestModel:
         self.result: Optional[dict] = None
 
     def improves(self, result: dict) -> bool:
-        """Whether this evaluation beats the best so far (ties keep the earlier, shorter-trained model)."""
+        """Whether this evaluation beats the best so far (ties keep the earlier, shorter-trained model; a
+        non-finite one, from a diverged model, never does)."""
         value = float(result[self.metric])
+        if not math.isfinite(value):
+            return False
         if self.value is None:
             return True
         return value > self.value if self.greater else value < self.value

@@ -65,7 +65,7 @@ def finish(out: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
                       key=lambda p: int(p.name.split("-")[-1]))
         best = (meta.get("best_model") or {}).get("step")   # the dev-best model's, kept as HF keeps it (dszo/best.py)
         for old in done[:-keep]:
-            if old != step_dir(out, best if best is not None else -1):
+            if best is None or old != step_dir(out, best):
                 shutil.rmtree(old, ignore_errors=True)
     return final
 

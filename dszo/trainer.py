@@ -208,7 +208,7 @@ class Trainer:
     def load_best(self, last: dict) -> tuple[dict, dict]:
         """At max_steps: the kept model's dev result (this one's, if it is the best) and results.json's fields."""
         step = self.cfg.max_steps
-        if self.best.improves(last):
+        if self.best.step is None or self.best.improves(last):   # None: no finite evaluation before the last
             self.best.keep(step, last)
         else:
             checkpoint.restore_method(checkpoint.step_dir(self.out, self.best.step), self.method)

@@ -32,6 +32,7 @@ def test_best_keeps_the_earlier_of_ties_and_round_trips_through_a_checkpoint():
     again = BestModel("accuracy", None)
     again.load_state_dict(json.loads(json.dumps(best.state_dict())))
     assert (again.step, again.value) == (6, 0.7)
+    assert not best.improves({"accuracy": float("nan")})     # a diverged evaluation is never the best
     other = BestModel("loss", None)          # a checkpoint that chose by another metric does not carry over
     other.load_state_dict(best.state_dict())
     assert other.step is None
