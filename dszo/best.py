@@ -4,7 +4,8 @@ greater_is_better).
 A zeroth-order run's dev curve is not monotone: at a rate that learns fast the dev loss can be lowest part-way and
 then drift up (benchmarks/results/main_job_fp32.json: dev accuracy 0.727 at step 100, 0.683 at 300). With
 load_best_model_at_end, as in HF, a dev evaluation that beats every earlier one saves a checkpoint
-(`checkpoint-<step>/`, resumable like any other), which pruning by save_total_limit then leaves in place; at the end
+(`checkpoint-<step>/`, resumable like any other), which pruning by save_total_limit leaves in place for as long as it
+is the best; at the end
 the trainer loads it back, so that the test split, `adapter.safetensors` and results.json describe the kept model,
 and results.json says which step it came from and what the last step scored beside it. The candidates are the
 evaluations during training and the one at max_steps, not the untrained model (as in HF). The test split never
@@ -68,5 +69,6 @@ class BestModel:
                 "result": self.result}
 
     def load_state_dict(self, state: Optional[dict]) -> None:
+        """A resumed run that chooses by another metric (or direction) starts choosing afresh from the resume step."""
         if state and state.get("metric") == self.metric and state.get("greater") == self.greater:
             self.step, self.value, self.result = state["step"], state["value"], state["result"]

@@ -8,7 +8,8 @@ Every entry is a flat slice [start, end) of a named tensor (a trained tensor, a 
 moment), so a rank of another world size reads the slices it owns now from whichever files hold them
 (resharding on load). Ranks write into `checkpoint-<step>.tmp/`; once all have, the main rank writes
 meta.json, renames the folder and points `latest` at it (write-then-rename), then drops the oldest beyond
-`save_total_limit`. A crash while writing leaves only a `.tmp` folder, which resume ignores.
+`save_total_limit` (except the dev-best model's, dszo/best.py). A crash while writing leaves only a `.tmp` folder,
+which resume ignores.
 """
 from __future__ import annotations
 

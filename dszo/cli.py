@@ -47,7 +47,8 @@ def parse_args(command: str, argv: list[str]) -> tuple[argparse.Namespace, dict]
         p.add_argument("--split", choices=["dev", "test"], default="test")
     if command == "replay":
         p.add_argument("--run", required=True, help="a run folder with replay.jsonl and config.yaml")
-        p.add_argument("--steps", type=int, default=0, help="replay only the first N steps (0: all)")
+        p.add_argument("--steps", type=int, default=0, help="replay only the first N steps (0: up to the model the "
+                       "run kept -- the dev-best one with load_best_model_at_end, else all)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     p.add_argument("--deepspeed_config", help="DeepSpeed JSON (overrides the config's `deepspeed:`)")
     p.add_argument("--deepspeed", nargs="?", const=True, default=None,

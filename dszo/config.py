@@ -103,7 +103,8 @@ class TrainConfig:
     logging_steps: int = 10
     eval_steps: int = 0               # 0: evaluate only before and after training
     test_eval_steps: int = 0          # also the test split every N steps, for curves in reports (never for selection)
-    save_steps: int = 0               # resumable checkpoint every N steps (0: none; SIGTERM always saves one)
+    save_steps: int = 0               # resumable checkpoint every N steps (0: none; SIGTERM and a new dev-best model
+                                      # with load_best_model_at_end always save one)
     save_total_limit: int = 2         # keep the newest N checkpoints (0: all)
     resume_from_checkpoint: Optional[str] = None   # "latest" (output_dir's pointer) or a checkpoint folder
     max_bad_steps: int = 10           # stop (with a checkpoint) after N steps in a row with a non-finite loss; 0: never
@@ -308,8 +309,8 @@ def validate(cfg: TrainConfig) -> None:
     need(not (task.kind == "generation" and d.loss != "lm"),
          f"task {d.task} is a generation task: train it with data.loss: lm (the answer tokens' likelihood)")
     if cfg.load_best_model_at_end:
-        need(cfg.eval_steps > 0, "load_best_model_at_end needs dev evaluations during training to choose from: set "
-             "eval_steps (e.g. a tenth of max_steps)")
+        need(0 < cfg.eval_steps < cfg.max_steps, "load_best_model_at_end needs dev evaluations during training to "
+             f"choose from: set eval_steps below max_steps ({cfg.max_steps}), e.g. a tenth of it")
         need(cfg.method.capabilities().resumable, f"load_best_model_at_end cannot load {cfg.method.name}'s best "
              "state back: it lives in DeepSpeed's training engine, which dszo's checkpoints do not hold")
         known = best.metrics_of(task.kind)

@@ -70,14 +70,22 @@ def read_log(path: Path) -> tuple[dict, list[dict]]:
     return header, steps
 
 
+def kept_step(run_dir: Path) -> int:
+    """The step of the model a finished run kept (load_best_model_at_end: its dev-best one), 0 if it kept its last."""
+    results = run_dir / "results.json"
+    return int(json.loads(results.read_text()).get("best_model_step") or 0) if results.is_file() else 0
+
+
 def replay(run_dir: Path, cfg, steps_limit: int = 0) -> Path:
-    """Rebuild the run's method on the base model, then apply every logged update; write the tensors."""
+    """Rebuild the run's method on the base model, then apply the logged updates up to `steps_limit` (0: up to the
+    model the run kept -- its dev-best one where it kept one, else its last); write the tensors."""
     if not cfg.method.capabilities().replayable:
         raise ConfigError(f"method {cfg.method.name} cannot be replayed from seeds and projected gradients alone "
                           "(AGZO's subspace comes from each step's activations; first_order logs no seeds)")
     header, steps = read_log(run_dir / LOG)
     method = build_run(cfg, int(header["run_seed"])).method
-    for rec in steps[:steps_limit or None]:
+    steps = steps[:steps_limit or kept_step(run_dir) or None]
+    for rec in steps:
         t = rec["step"] - 1
         if rec["skipped"]:
             continue

@@ -208,16 +208,24 @@ class Trainer:
     def load_best(self, last: dict) -> tuple[dict, dict]:
         """At max_steps: the kept model's dev result (this one's, if it is the best) and results.json's fields."""
         step = self.cfg.max_steps
-        if self.best.step is None or self.best.improves(last):   # None: no finite evaluation before the last
+        saved = None if self.best.step is None else checkpoint.step_dir(self.out, self.best.step)
+        # every rank decides alike: a rank that could not find the folder tells the others
+        missing = saved is not None and comm.all_max_int(int(not (saved / "meta.json").is_file()))
+        if missing and self.main:
+            tqdm.write(f"[dszo] warning: the dev-best model's checkpoint {saved} is gone (a resume from a checkpoint "
+                       "older than the latest one, after it was pruned): keeping the last step's model")
+        if saved is None or missing or self.best.improves(last):   # None: no finite evaluation before the last
             self.best.keep(step, last)
         else:
-            checkpoint.restore_method(checkpoint.step_dir(self.out, self.best.step), self.method)
+            checkpoint.restore_method(saved, self.method)
             if self.main:
                 tqdm.write(f"[dszo] loaded the dev-best model, step {self.best.step} of {step} "
                            f"({self.best.metric} {self.best.value:.4f})")
         return self.best.result, self.best.summary(step, last)
 
     def save(self, step: int) -> Path:
+        if self.saved_at == step:   # e.g. a new dev-best model, then a stop request after the same step
+            return checkpoint.step_dir(self.out, step)
         tic = time.perf_counter()
         self.saved_at = step
         path = checkpoint.save(self.out, step, self.method, self, self.cfg.save_total_limit)

@@ -78,6 +78,11 @@ def test_the_kept_model_is_the_model_of_the_dev_best_step(tiny_model, tiny_data,
     ref = json.loads((short / "results.json").read_text())
     assert res["test_accuracy"] == ref["test_accuracy"] and res["test_loss"] == ref["test_loss"]
 
+    # the seed-replay log rebuilds the kept model: by default up to the step the run kept
+    launch({"output_dir": str(tmp_path / "replay_cfg")}, 2, command="replay", with_config=False,
+           extra=["--run", str(run)])
+    _same_tensors(run, run / "replayed")
+
     # resumed after the best step, the run still knows which step was best (the trainer's checkpointed state)
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed, ignore=shutil.ignore_patterns("adapter.safetensors", "results.json"))
@@ -86,8 +91,21 @@ def test_the_kept_model_is_the_model_of_the_dev_best_step(tiny_model, tiny_data,
     assert json.loads((resumed / "results.json").read_text())["best_model_step"] == best
     _same_tensors(run, resumed)
 
-    # a run whose last evaluation is the best keeps its last step: nothing to load back
+    # resumed from a checkpoint whose best was pruned since, the run says so and keeps its last step
+    lost = tmp_path / "lost"
+    shutil.copytree(run, lost, ignore=shutil.ignore_patterns("adapter.safetensors", "results.json"))
+    shutil.rmtree(lost / f"checkpoint-{best}")
+    proc = launch(tiny_config(tiny_model, tiny_data, lost,
+                              **{**over, "resume_from_checkpoint": str(lost / f"checkpoint-{STEPS - EVAL}")}), 2)
+    assert f"checkpoint {lost / f'checkpoint-{best}'} is gone" in proc.stdout + proc.stderr
+    assert json.loads((lost / "results.json").read_text())["best_model_step"] == STEPS
+
+    # greater_is_better turns the choice round: the highest dev loss, on this run the last evaluation -- kept as it is,
+    # nothing loaded back
+    worst = max(during, key=lambda s: (evals[s]["eval_loss"], -s))
+    assert worst == STEPS, evals
     last = tmp_path / "last"
-    launch(tiny_config(tiny_model, tiny_data, last, **{**over, "max_steps": best}), 2)
+    launch(tiny_config(tiny_model, tiny_data, last, **{**over, "greater_is_better": True}), 2)
     res_last = json.loads((last / "results.json").read_text())
-    assert res_last["best_model_step"] == best and "dev_loss_last" not in res_last
+    assert res_last["best_model_step"] == STEPS and "dev_loss_last" not in res_last
+    _same_tensors(last, lost)          # both kept step 12's model: the same trajectory, resumed or not
