@@ -39,8 +39,11 @@ class BestModel:
         self.metric = metric_name(metric)
         self.greater = greater_is_better(metric, greater)
         self.step: Optional[int] = None
-        self.value: Optional[float] = None
-        self.result: Optional[dict] = None
+        self.result: Optional[dict] = None   # the best evaluation's figures
+
+    @property
+    def value(self) -> Optional[float]:
+        return None if self.result is None else float(self.result[self.metric])
 
     def improves(self, result: dict) -> bool:
         """Whether this evaluation beats the best so far (ties keep the earlier, shorter-trained model; a
@@ -53,8 +56,7 @@ class BestModel:
         return value > self.value if self.greater else value < self.value
 
     def keep(self, step: int, result: dict) -> None:
-        self.step, self.value = step, float(result[self.metric])
-        self.result = {k: v for k, v in result.items() if k != "eval_s"}
+        self.step, self.result = step, {k: v for k, v in result.items() if k != "eval_s"}
 
     def summary(self, last_step: int, last: dict) -> dict:
         """results.json's fields: which step the kept model comes from and, where it is not the last, the last
@@ -65,10 +67,9 @@ class BestModel:
         return out
 
     def state_dict(self) -> dict:
-        return {"metric": self.metric, "greater": self.greater, "step": self.step, "value": self.value,
-                "result": self.result}
+        return {"metric": self.metric, "greater": self.greater, "step": self.step, "result": self.result}
 
     def load_state_dict(self, state: Optional[dict]) -> None:
         """A resumed run that chooses by another metric (or direction) starts choosing afresh from the resume step."""
         if state and state.get("metric") == self.metric and state.get("greater") == self.greater:
-            self.step, self.value, self.result = state["step"], state["value"], state["result"]
+            self.step, self.result = state["step"], state["result"]

@@ -290,16 +290,16 @@ def _differences(name: str, a, b):
         yield name, a, b
 
 
-def restore_method(path: Path, method) -> None:
-    """Only the method's state (trained tensors, optimiser moments, scalars): the dev-best model loaded back at the
-    end of a run (dszo/best.py)."""
-    meta = read_meta(path)
+def restore_method(path: Path, method, meta: Optional[dict] = None) -> None:
+    """Only the method's state (trained tensors, optimiser moments, scalars); alone, the dev-best model loaded back
+    at the end of a run (dszo/best.py)."""
+    meta = meta or read_meta(path)
     method.load_state_dict(SavedState(Reader(path, meta["world_size"]), meta["method_state"]))
 
 
 def restore(path: Path, meta: dict, method, trainer) -> int:
     """Every rank reads the slices it owns now; returns the step to continue from."""
-    method.load_state_dict(SavedState(Reader(path, meta["world_size"]), meta["method_state"]))
+    restore_method(path, method, meta)
     trainer.load_state_dict(meta)
     RNGState.load_state_dict(meta.get("rng", {}))
     return int(meta["step"])
