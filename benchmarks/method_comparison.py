@@ -221,9 +221,11 @@ def _method_entry(first: list[dict], rows: list[dict]) -> dict:
 
 
 # Series beside the six methods: ZO-Act's final runs repeated on the fp32 base (the 4-bit claim, and the main
-# job's base since the comparison showed nf4 costing accuracy here).
-TWINS = ("zo_act_fp32",)
-LABELS = {"zo_act": "zo_act (nf4 base)", "zo_act_fp32": "zo_act (fp32 base)"}
+# job's base since the comparison showed nf4 costing accuracy here), and on fp32 with two directions averaged per
+# step for half the steps (the recipe trials' dev-selected change; the same example-forwards).
+TWINS = ("zo_act_fp32", "zo_act_fp32_two_directions")
+LABELS = {"zo_act": "zo_act (nf4 base)", "zo_act_fp32": "zo_act (fp32 base)",
+          "zo_act_fp32_two_directions": "zo_act (fp32, 2 directions a step)"}
 
 
 def report(out: Path, plot: Path) -> None:
