@@ -223,7 +223,7 @@ def _method_entry(first: list[dict], rows: list[dict]) -> dict:
 # Series beside the six methods: ZO-Act's final runs repeated on the fp32 base (the 4-bit claim, and the main
 # job's base since the comparison showed nf4 costing accuracy here), and on fp32 with two directions averaged per
 # step for half the steps (the recipe trials' dev-selected change; the same example-forwards).
-TWINS = ("zo_act_fp32", "zo_act_fp32_two_directions")
+ZO_ACT_VARIANTS = ("zo_act_fp32", "zo_act_fp32_two_directions")
 LABELS = {"zo_act": "zo_act (nf4 base)", "zo_act_fp32": "zo_act (fp32 base)",
           "zo_act_fp32_two_directions": "zo_act (fp32, 2 directions a step)"}
 
@@ -238,7 +238,7 @@ def report(out: Path, plot: Path) -> None:
             [r for r in first if r["state"] == "done"]
         if rows:
             methods[m] = _method_entry(first, rows)
-    for name in TWINS:   # a twin's own runs are also its first pass: one that diverged is flagged as such
+    for name in ZO_ACT_VARIANTS:   # a variant's own runs are also its first pass: one that diverged is flagged as such
         rows = [r for r in _summary(name)[1] if r["state"] == "done"]
         if rows:
             methods[name] = _method_entry(rows, rows)
@@ -265,7 +265,7 @@ def _plot(methods: dict, path: Path) -> None:
         c = r["test_curve"]
         if c:
             line, = ax.plot([x[0] for x in c], [x[1] for x in c], marker="o", label=LABELS.get(m, m),
-                            linestyle="--" if m == "first_order" else ":" if m in TWINS else "-")
+                            linestyle="--" if m == "first_order" else ":" if m in ZO_ACT_VARIANTS else "-")
             ax.fill_between([x[0] for x in c], [x[2] for x in c], [x[3] for x in c], alpha=0.2,
                             color=line.get_color())
     majority = next((r["test_majority_rate"] for r in methods.values() if r["test_majority_rate"]), None)
@@ -275,7 +275,7 @@ def _plot(methods: dict, path: Path) -> None:
     ax.set_ylabel("test accuracy (mean over seeds, min-max band)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="lower right", ncol=2)   # the lower right is where no curve runs
-    names = [m for m in methods if methods[m]["train_s_one_process"]]   # the twins ran on 2 ranks only
+    names = [m for m in methods if methods[m]["train_s_one_process"]]   # the variants ran on 2 ranks only
     bx.barh([LABELS.get(m, m) for m in names], [methods[m]["train_s_one_process"] / 60 for m in names])
     bx.set_xlabel("training min per run\n(mean step x steps, one process, 2 cores)")
     fig.suptitle("SmolLM2-135M, Rotten Tomatoes: each method at its dev-tuned learning rate, same forward budget")
