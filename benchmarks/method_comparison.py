@@ -221,11 +221,24 @@ def _method_entry(first: list[dict], rows: list[dict]) -> dict:
 
 
 # Series beside the six methods: ZO-Act's final runs repeated on the fp32 base (the 4-bit claim, and the main
-# job's base since the comparison showed nf4 costing accuracy here), and on fp32 with two directions averaged per
-# step for half the steps (the recipe trials' dev-selected change; the same example-forwards).
-ZO_ACT_VARIANTS = ("zo_act_fp32", "zo_act_fp32_two_directions")
+# job's base since the comparison showed nf4 costing accuracy here), on fp32 with two directions averaged per step
+# for half the steps (the recipe trials' dev-selected change; the same example-forwards), on fp32 for twice the
+# steps (does the gap shrink with more forwards?), and backprop on exactly ZO-Act's parameters (down_proj, r 1,
+# nf4: how much of the gap is the parameterisation), at the learning rate its dev loss picked.
+VARIANTS = ("zo_act_fp32", "zo_act_fp32_two_directions", "zo_act_fp32_long", "first_order_zo_act_params")
 LABELS = {"zo_act": "zo_act (nf4 base)", "zo_act_fp32": "zo_act (fp32 base)",
-          "zo_act_fp32_two_directions": "zo_act (fp32, 2 directions a step)"}
+          "zo_act_fp32_two_directions": "zo_act (fp32, 2 directions a step)",
+          "zo_act_fp32_long": "zo_act (fp32, 800 steps)",
+          "first_order_zo_act_params": "first_order on zo_act's parameters (nf4)"}
+
+
+def _dev_chosen(rows: list[dict]) -> list[dict]:
+    """The runs at the learning rate whose mean dev loss at the end is lowest (all of them when there is one)."""
+    by_rate: dict[float, list[float]] = {}
+    for r in rows:
+        by_rate.setdefault(r["learning_rate"], []).append(r["dev_loss_after"])
+    best = min(by_rate, key=lambda lr: sum(by_rate[lr]) / len(by_rate[lr]))
+    return [r for r in rows if r["learning_rate"] == best]
 
 
 def report(out: Path, plot: Path) -> None:
@@ -238,18 +251,18 @@ def report(out: Path, plot: Path) -> None:
             [r for r in first if r["state"] == "done"]
         if rows:
             methods[m] = _method_entry(first, rows)
-    for name in ZO_ACT_VARIANTS:   # a variant's own runs are also its first pass: one that diverged is flagged as such
+    for name in VARIANTS:   # a variant's own runs are also its first pass: one that diverged is flagged as such
         rows = [r for r in _summary(name)[1] if r["state"] == "done"]
         if rows:
-            methods[name] = _method_entry(rows, rows)
+            methods[name] = _method_entry(rows, _dev_chosen(rows))
     out.write_text(json.dumps({"benchmark": "method_comparison", "environment": environment(),
                                "command": "bash benchmarks/method_comparison.sh", "methods": methods}, indent=1) + "\n")
-    print(f"{'method':12} {'lr':>8} {'test acc at the end':>20} {'at best dev loss':>17} {'majority':>8} "
+    print(f"{'method':26} {'lr':>8} {'test acc at the end':>20} {'at best dev loss':>17} {'majority':>8} "
           f"{'fwd passes':>10} {'train s, 1 process':>18}")
     for m, r in methods.items():
         accs = ", ".join(f"{a:.3f}" for a in r["test_accuracy"])
         early = ", ".join(f"{e['test_accuracy']:.3f}" for e in r["early_stopped"] if e)
-        print(f"{m:12} {r['setting'].get('learning_rate', 0):8.0e} {accs:>20} {early:>17} "
+        print(f"{m:26} {r['setting'].get('learning_rate', 0):8.0e} {accs:>20} {early:>17} "
               f"{r['test_majority_rate'] or 0:8.3f} {r['example_forwards']:10d} {r['train_s_one_process'] or 0:18.0f}")
     _plot(methods, plot)
 
@@ -265,7 +278,7 @@ def _plot(methods: dict, path: Path) -> None:
         c = r["test_curve"]
         if c:
             line, = ax.plot([x[0] for x in c], [x[1] for x in c], marker="o", label=LABELS.get(m, m),
-                            linestyle="--" if m == "first_order" else ":" if m in ZO_ACT_VARIANTS else "-")
+                            linestyle="--" if m.startswith("first_order") else ":" if m in VARIANTS else "-")
             ax.fill_between([x[0] for x in c], [x[2] for x in c], [x[3] for x in c], alpha=0.2,
                             color=line.get_color())
     majority = next((r["test_majority_rate"] for r in methods.values() if r["test_majority_rate"]), None)
