@@ -228,7 +228,7 @@ def _method_entry(first: list[dict], rows: list[dict]) -> dict:
 VARIANTS = ("zo_act_fp32", "zo_act_fp32_two_directions", "zo_act_fp32_long", "first_order_zo_act_params")
 LABELS = {"zo_act": "zo_act (nf4 base)", "zo_act_fp32": "zo_act (fp32 base)",
           "zo_act_fp32_two_directions": "zo_act (fp32, 2 directions a step)",
-          "zo_act_fp32_long": "zo_act (fp32, 800 steps)",
+          "zo_act_fp32_long": "zo_act (fp32, 800 steps, seed 43)",
           "first_order_zo_act_params": "first_order on zo_act's parameters (nf4)"}
 
 
