@@ -16,6 +16,7 @@
 #   7. benchmarks/method_comparison.sh all     the second seeds (and stable reruns of diverged methods)
 #   8. sweeps/zo_act_{fp32,refresh}.yaml ZO-Act's final runs on the fp32 base (the 4-bit claim) / refreshed bases
 #   9. sweeps/first_order_zo_act_params.yaml  backprop on exactly ZO-Act's parameters (down_proj, r 1, nf4)
+#  10. sweeps/zo_act_fp32_{long,two_directions}.yaml  ZO-Act on fp32 for 800 steps / with two directions a step
 # The order puts what answers a whole question first (issue 16 needs only 2 and 4; issue 15 the rest).
 # On a fresh machine every sweep keeps the finished points of its committed summary (dszo sweep --kept).
 # Hours on this 2-core machine (measured: the probes ~2.5 h, a final ZO run ~0.5 h, ZO-Act's scaling runs ~1.5 h,
@@ -41,3 +42,5 @@ bash benchmarks/method_comparison.sh all; stop_if_interrupted $?
 sweep zo_act_fp32
 sweep zo_act_refresh
 sweep first_order_zo_act_params
+sweep zo_act_fp32_long             # runs from step 0 here (the committed run continued zo_act_fp32's checkpoint)
+sweep zo_act_fp32_two_directions
