@@ -21,7 +21,8 @@
 # On a fresh machine every sweep keeps the finished points of its committed summary (dszo sweep --kept).
 # Hours on this 2-core machine (measured: the probes ~2.5 h, a final ZO run ~0.5 h, ZO-Act's scaling runs ~1.5 h,
 # MeZO's ~2.5 h, a recipe point ~25 min (steps 3.4 s on an Intel Xeon, 2.4 s on an AMD EPYC); estimated: the final
-# runs with their stable reruns ~8 h, fp32 ~1 h, the rest of the recipe ~2 h, refresh ~1 h).
+# runs with their stable reruns ~8 h, fp32 ~1 h, the rest of the recipe ~2 h, refresh ~1 h; measured: backprop on
+# ZO-Act's parameters ~25 min a point, the 800-step fp32 run ~50 min, a two-direction point ~25 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stop_if_interrupted() { [ "$1" -eq 143 ] && exit 143; return 0; }   # dszo sweep's exit status when interrupted
@@ -42,5 +43,5 @@ bash benchmarks/method_comparison.sh all; stop_if_interrupted $?
 sweep zo_act_fp32
 sweep zo_act_refresh
 sweep first_order_zo_act_params
-sweep zo_act_fp32_long             # runs from step 0 here (the committed run continued zo_act_fp32's checkpoint)
+sweep zo_act_fp32_long             # kept from the committed summary; without it, seed 43 runs from step 0
 sweep zo_act_fp32_two_directions
