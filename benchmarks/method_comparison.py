@@ -233,7 +233,8 @@ LABELS = {"zo_act": "zo_act (nf4 base)", "zo_act_fp32": "zo_act (fp32 base)",
 
 
 def _dev_chosen(rows: list[dict]) -> list[dict]:
-    """The runs at the learning rate whose mean dev loss at the end is lowest (all of them when there is one)."""
+    """The runs at the learning rate whose mean dev loss at the end is lowest (all of them when there is one).
+    The variants' sweeps vary only the rate and the seed, so a rate names one setting."""
     by_rate: dict[float, list[float]] = {}
     for r in rows:
         by_rate.setdefault(r["learning_rate"], []).append(r["dev_loss_after"])
