@@ -233,13 +233,10 @@ LABELS = {"zo_act": "zo_act (nf4 base)", "zo_act_fp32": "zo_act (fp32 base)",
 
 
 def _dev_chosen(rows: list[dict]) -> list[dict]:
-    """The runs at the learning rate whose mean dev loss at the end is lowest (all of them when there is one).
-    The variants' sweeps vary only the rate and the seed, so a rate names one setting."""
-    by_rate: dict[float, list[float]] = {}
-    for r in rows:
-        by_rate.setdefault(r["learning_rate"], []).append(r["dev_loss_after"])
-    best = min(by_rate, key=lambda lr: sum(by_rate[lr]) / len(by_rate[lr]))
-    return [r for r in rows if r["learning_rate"] == best]
+    """The runs (seeds) of the setting whose mean dev loss at the end is lowest (all of them when there is one)."""
+    from dszo.sweep_report import settings
+
+    return min(settings(rows).values(), key=lambda group: statistics.fmean(r["dev_loss_after"] for r in group))
 
 
 def report(out: Path, plot: Path) -> None:
